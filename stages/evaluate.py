@@ -1,0 +1,78 @@
+"""evaluate: score every trained run on the test split and write the comparison reports.
+
+Each run is scored with exactly the preprocessing, input size, weights and manifest it was
+trained with; a mismatch is refused, naming both records. Test metrics go into the MLflow
+run that trained the model, into results/eval/ and into reports/ (tables, audit, plots).
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from transferlab import backbones, data, features, files, metrics, provenance, report, tracking, train  # noqa: E402
+
+RUN_DIRS = ("train_head", "frozen_end_to_end", "finetune_top")
+
+
+def test_logits(record: dict, run_dir: Path, manifest: pd.DataFrame, n_classes: int):
+    """(ids, labels, logits) on the test split, after checking the inputs match the training record."""
+    pair = f"{record['backbone']}-{record['preprocessing']['variant']}"
+    head_cfg = record["params"]["head"]
+    if record["method"] == "bottleneck":
+        meta = files.read_json(Path("features") / pair / "meta.json")
+        provenance.check_same(record, meta, record["run_name"])
+        ids, labels, x = features.load_split(Path("features") / pair, "test", train.feature_output(head_cfg["pooling"]))
+        head = train.build_head(x.shape[1:], n_classes, head_cfg, 0)
+        head.load_weights(run_dir / "head.weights.h5")
+        return ids, labels, head.predict(x, verbose=0)
+    current = provenance.describe(record["backbone"], record["preprocessing"]["variant"], record["input_size"])
+    provenance.check_same(record, current, record["run_name"])
+    base = backbones.get(record["backbone"]).build(False, None, record["input_size"])
+    shape = base.output.shape[-1:] if head_cfg["pooling"] == "avg" else base.output.shape[1:]
+    model = train.end_to_end(base, train.build_head(shape, n_classes, head_cfg, 0), head_cfg["pooling"])
+    model.load_weights(run_dir / "model.weights.h5")
+    rows = manifest[manifest["split"] == "test"]
+    ds = features.image_dataset(data.resolve_paths(rows), rows["class_index"].tolist(), record["preprocessing"], 32)
+    return rows["id"].tolist(), rows["class_index"].to_numpy(), train.predict_logits(model, ds)
+
+
+def main() -> None:
+    params = files.load_params()["evaluate"]
+    manifest = data.load_manifest()
+    classes = data.load_classes()
+    by_id = manifest.set_index("id")
+    runs = []
+    for run_dir in sorted(p for d in RUN_DIRS for p in (Path("runs") / d).glob("*") if p.is_dir()):
+        record = files.read_json(run_dir / "run.json")
+        run = {"record": record, "metrics": None, "history": None}
+        if record["status"] == "trained":
+            ids, labels, logits = test_logits(record, run_dir, manifest, len(classes))
+            if list(by_id.loc[ids, "class_index"]) != list(labels):
+                raise SystemExit(f"{record['run_name']}: test labels are not aligned with the manifest")
+            pred = logits.argmax(1)
+            groups = {c: by_id.loc[ids, c].to_numpy() for c in params["group_by"] if c in by_id}
+            run["metrics"] = metrics.compute(labels, pred, classes, groups, params["bootstrap"], params["seed"])
+            run["history"] = pd.read_csv(run_dir / "history.csv")
+            out = Path("results/eval") / record["run_name"]
+            out.mkdir(parents=True, exist_ok=True)
+            pd.DataFrame({"id": ids, "label": labels, "pred": pred,
+                          **{f"logit_{c}": logits[:, i] for i, c in enumerate(classes)}}).to_csv(
+                out / "predictions.csv", index=False)
+            files.write_json(out / "metrics.json", run["metrics"])
+            tracking.log_evaluation(record, run["metrics"], out)
+            print(f"{record['run_name']}: test accuracy {run['metrics']['accuracy']:.3f} "
+                  f"[{run['metrics']['accuracy_ci95'][0]:.3f}, {run['metrics']['accuracy_ci95'][1]:.3f}]")
+        runs.append(run)
+    report.write(runs, Path("reports"))
+    files.write_json(Path("reports/metrics.json"), {
+        r["record"]["run_name"]: ({k: round(float(np.asarray(r["metrics"][k])), 4)
+                                   for k in ("accuracy", "balanced_accuracy", "macro_f1")}
+                                  if r["metrics"] else {"weights_unavailable": 1})
+        for r in runs})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""extract_features: pooled (and cut-point) features of one backbone x preprocessing pair, per split.
+
+Usage: python stages/extract_features.py BACKBONE PREPROCESSING
+Writes features/BACKBONE-PREPROCESSING/{train,val,test}/ and meta.json (how they were made).
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from transferlab import backbones, data, features, files, provenance, weights  # noqa: E402
+
+
+def main(name: str, variant: str) -> None:
+    params = files.load_params()
+    extract, finetune = params["extract"], params["finetune"]
+    bb = backbones.get(name)
+    meta = provenance.describe(name, variant, extract["input_size"].get(name))
+    meta.update(status=meta["weights"]["status"], batch_size=extract["batch_size"], versions=features.versions())
+    with files.atomic_dir(Path("features") / f"{name}-{variant}") as out:
+        if meta["status"] == "unavailable":
+            print(f"{name}: weights unavailable, no features extracted. {meta['weights']['message']}")
+        else:
+            cut = None
+            if name in finetune["backbones"] and variant == finetune["preprocessing"]:
+                cut = bb.cut_points[finetune["cut_point"][name]]
+            base = weights.load_backbone(bb, Path("models/weights") / name, input_size=meta["input_size"])
+            model = features.extractor(base, cut, extract["conv_map"])
+            manifest = data.load_manifest()
+            manifest["abspath"] = data.resolve_paths(manifest)
+            meta["cut_boundary"], meta["splits"] = cut, {}
+            for split in features.SPLITS:
+                rows = manifest[manifest["split"] == split]
+                meta["splits"][split] = features.extract_split(
+                    model, rows["abspath"].tolist(), rows["class_index"].tolist(), rows["id"].tolist(),
+                    meta["preprocessing"], extract["batch_size"], out / split, f"{name}-{variant} {split}")
+        files.write_json(out / "meta.json", meta)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

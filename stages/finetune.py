@@ -1,0 +1,103 @@
+"""finetune: the frozen end-to-end model or top-block fine-tuning, for one backbone.
+
+Usage: python stages/finetune.py METHOD BACKBONE    (METHOD: frozen_end_to_end | finetune_top)
+frozen_end_to_end: the frozen base + the head, trained on images with train_head's settings;
+  it must reproduce train_head, and the parity figures say whether it does.
+finetune_top: unfreezes the base above its cut point, starting from train_head's head; trains on the
+  cached cut-point activations unless augmentation or a different input size needs the images.
+Writes runs/METHOD/PAIR/ (model weights, history, run.json) and DVCLive files in results/METHOD/PAIR/.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+
+from transferlab import backbones, data, features, files, provenance, tracking, train, weights  # noqa: E402
+
+METHODS = ("frozen_end_to_end", "finetune_top")
+
+
+def parity(model, head_cfg: dict, n_classes: int, pair: str, val_images, pooling: str) -> dict:
+    """Compare with train_head on the validation split: same model, so logits should agree."""
+    _, y_val, x_val = features.load_split(Path("features") / pair, "val", train.feature_output(pooling))
+    head = train.build_head(x_val.shape[1:], n_classes, head_cfg, 0)
+    head.load_weights(Path("runs/train_head") / pair / "head.weights.h5")
+    bottleneck = head(x_val, training=False).numpy()
+    end_to_end = train.predict_logits(model, val_images)
+    acc = lambda logits: float(np.mean(logits.argmax(1) == y_val))  # noqa: E731
+    return {"parity_max_abs_logit_diff": float(np.abs(bottleneck - end_to_end).max()),
+            "parity_val_accuracy_diff": acc(end_to_end) - acc(bottleneck)}
+
+
+def main(method: str, name: str) -> None:
+    if method not in METHODS:
+        raise SystemExit(f"finetune: method must be one of {METHODS}, got {method!r}")
+    params = files.load_params()
+    ft, ablation, head_params = params["finetune"], params["ablation"], params["head"]
+    cfg = params["train"] if method == "frozen_end_to_end" else ft
+    seed, pair, bb = params["train"]["seed"], f"{name}-{ft['preprocessing']}", backbones.get(name)
+    meta = files.read_json(Path("features") / pair / "meta.json")
+    head_cfg = {**head_params, "dropout_position": ablation["dropout_position"] or head_params["dropout_position"]}
+    batch_size = ablation["batch_size"] or cfg["batch_size"]
+    input_size = ablation["input_size"] or meta["input_size"]
+    boundary = bb.cut_points[ft["cut_point"][name]] if method == "finetune_top" else None
+    record = provenance.describe(name, ft["preprocessing"], input_size)
+    record.update(run_name=f"{method}/{pair}", stage="finetune", method=method, status="trained",
+                  params={"train" if method == "frozen_end_to_end" else "finetune": cfg, "head": head_cfg,
+                          "ablation": ablation, "cut_boundary": boundary})
+    live_dir = Path("results") / method / pair
+    with files.atomic_dir(Path("runs") / method / pair) as out:
+        if meta["status"] == "unavailable":
+            tracking.skip_unavailable(out, live_dir, record)
+            return
+        manifest = data.load_manifest()
+        manifest["abspath"] = data.resolve_paths(manifest)
+        splits = {s: manifest[manifest["split"] == s] for s in ("train", "val")}
+        n_classes = len(data.load_classes())
+        augment = ablation["augmentation"]
+        if augment not in features.AUGMENTATIONS:
+            raise SystemExit(f"ablation.augmentation must be one of {features.AUGMENTATIONS}, got {augment!r}")
+        cached = method == "finetune_top" and augment == "none" and input_size == meta["input_size"]
+
+        def images(split: str, shuffle: bool, augmented: bool):
+            rows = splits[split]
+            return features.image_dataset(rows["abspath"].tolist(), rows["class_index"].tolist(),
+                                          record["preprocessing"], batch_size, seed if shuffle else None,
+                                          seed + (split == "val") if augmented else None)
+
+        with tracking.run(record, record["params"]) as active:
+            train.seed_everything(seed)
+            with train.strategy().scope():
+                base = weights.load_backbone(bb, Path("models/weights") / name, input_size=input_size)
+                train.configure_base(base, boundary, ablation["bn_training"])
+                shape = base.output.shape[-1:] if head_cfg["pooling"] == "avg" else base.output.shape[1:]
+                head = train.build_head(shape, n_classes, head_cfg, seed)
+                if method == "finetune_top" and ft["head_init"] == "trained":
+                    head.load_weights(Path("runs/train_head") / pair / "head.weights.h5")
+                full = train.end_to_end(base, head, head_cfg["pooling"])
+                model = train.top_model(base, boundary, head, head_cfg["pooling"]) if cached else full
+                train.compile_model(model, train.make_optimizer(cfg["optimizer"], cfg["learning_rate"],
+                                                                cfg["momentum"]))
+            if cached:
+                data_sets = [train.feature_dataset(*features.load_split(Path("features") / pair, s, "cut")[1:],
+                                                   batch_size, seed if s == "train" else None)
+                             for s in ("train", "val")]
+            else:
+                data_sets = [images("train", True, augment != "none"), images("val", False, augment == "train_and_val")]
+            history, seconds = train.fit(model, *data_sets, cfg["epochs"], [tracking.live_callback(live_dir)])
+            full.save_weights(out / "model.weights.h5")
+            record.update(train_seconds=round(seconds, 2), mlflow_run_id=active.info.run_id, cached_path=cached,
+                          val_accuracy=float(history["val_accuracy"].iloc[-1]))
+            if method == "frozen_end_to_end":
+                record["parity"] = parity(full, params["head"], n_classes, pair, images("val", False, False),
+                                          head_cfg["pooling"])
+                mlflow.log_metrics(record["parity"])
+                print("parity with train_head:", record["parity"])
+            tracking.finish(out, record, history)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

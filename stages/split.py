@@ -1,0 +1,33 @@
+"""Stage split: check every source image once and fix the train/val/test split for all later stages.
+
+Reads the ``data:`` section of params.yaml and writes data/split/ (see transferlab.data).
+Data problems end the stage with one message naming all of them and exit status 1,
+without writing anything.
+"""
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from transferlab import data, files  # noqa: E402
+
+SPLIT_DIR = Path("data/split")
+
+
+def main() -> None:
+    start = time.perf_counter()
+    params = files.load_params("params.yaml")
+    try:
+        split = data.make_split(params.get("data"))
+    except data.DataError as error:
+        sys.exit(f"split: {error}")
+    data.write_split(split, SPLIT_DIR)
+    sizes = ", ".join(f"{name} {split.summary['splits'][name]['total']}" for name in data.SPLITS)
+    skipped = f"; {len(split.bad_files)} bad files left out (bad_files.csv)" if len(split.bad_files) else ""
+    print(f"split: {len(split.manifest)} images, {len(split.classes)} classes ({sizes}){skipped} "
+          f"-> {SPLIT_DIR} in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""train_head: the classification head on cached bottleneck features of one backbone x preprocessing pair.
+
+Usage: python stages/train_head.py BACKBONE PREPROCESSING
+Writes runs/train_head/PAIR/ (head weights, history, run.json) and DVCLive files in results/train_head/PAIR/.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from transferlab import data, features, files, tracking, train  # noqa: E402
+
+
+def main(name: str, variant: str) -> None:
+    params = files.load_params()
+    cfg, head_cfg = params["train"], params["head"]
+    pair = f"{name}-{variant}"
+    meta = files.read_json(Path("features") / pair / "meta.json")
+    record = {k: meta[k] for k in ("backbone", "input_size", "preprocessing", "preprocessing_fingerprint",
+                                   "weights", "manifest_sha256")}
+    record.update(run_name=f"train_head/{pair}", stage="train_head", method="bottleneck", status="trained",
+                  params={"train": cfg, "head": head_cfg})
+    live_dir = Path("results/train_head") / pair
+    with files.atomic_dir(Path("runs/train_head") / pair) as out:
+        if meta["status"] == "unavailable":
+            tracking.skip_unavailable(out, live_dir, record)
+            return
+        output = train.feature_output(head_cfg["pooling"])
+        _, y_train, x_train = features.load_split(Path("features") / pair, "train", output)
+        _, y_val, x_val = features.load_split(Path("features") / pair, "val", output)
+        with tracking.run(record, record["params"]) as active:
+            train.seed_everything(cfg["seed"])
+            with train.strategy().scope():
+                head = train.build_head(x_train.shape[1:], len(data.load_classes()), head_cfg, cfg["seed"])
+                train.compile_model(head, train.make_optimizer(cfg["optimizer"], cfg["learning_rate"], cfg["momentum"]))
+            history, seconds = train.fit(
+                head, train.feature_dataset(x_train, y_train, cfg["batch_size"], shuffle_seed=cfg["seed"]),
+                train.feature_dataset(x_val, y_val, cfg["batch_size"]), cfg["epochs"],
+                [tracking.live_callback(live_dir)])
+            head.save_weights(out / "head.weights.h5")
+            record.update(train_seconds=round(seconds, 2), mlflow_run_id=active.info.run_id,
+                          val_accuracy=float(history["val_accuracy"].iloc[-1]))
+            tracking.finish(out, record, history)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

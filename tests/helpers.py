@@ -1,0 +1,68 @@
+"""Shared test utilities: tiny synthetic image datasets that a model can actually learn.
+
+Typical use::
+
+    from helpers import make_image_tree, tree_fingerprint
+    root = make_image_tree(tmp_path / "images", classes={"cat": 12, "dog": 12})
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def make_image(class_index: int, n_classes: int, size: int = 32, seed: int = 0) -> np.ndarray:
+    """One size x size RGB uint8 image of class ``class_index``.
+
+    Class k is a bright horizontal band in the k-th of ``n_classes`` equal strips of the
+    image (plus a class-specific tint) over a dark background with noise; the noise,
+    drawn from ``seed``, makes every image's bytes unique (no accidental duplicates).
+    """
+    rng = np.random.default_rng(seed)
+    image = rng.normal(40, 15, (size, size, 3))
+    top = class_index * size // n_classes
+    bottom = max(top + 1, (class_index + 1) * size // n_classes)
+    image[top:bottom] += 170
+    image[..., class_index % 3] += 30
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def make_image_tree(root, classes: dict[str, int] | None = None, size: int = 32, seed: int = 0,
+                    suffix: str = ".png") -> Path:
+    """Write ``root/<class>/img_000.png ...`` (flow_from_directory layout) and return ``root``.
+
+    ``classes`` maps class name -> number of images (default: classes "a", "b", "c" of 12). Classes
+    get indices in sorted name order, as the split stage gives them; the same arguments
+    always write the same bytes.
+    """
+    root = Path(root)
+    classes = classes if classes is not None else {"a": 12, "b": 12, "c": 12}
+    for k, name in enumerate(sorted(classes)):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(classes[name]):
+            pixels = make_image(k, len(classes), size, seed=hash_seed(seed, name, i))
+            Image.fromarray(pixels).save(folder / f"img_{i:03d}{suffix}")
+    return root
+
+
+def hash_seed(*parts) -> int:
+    """A stable integer seed from any values (Python's hash() changes between runs)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
+
+
+def tree_fingerprint(root) -> dict[str, tuple[str, int]]:
+    """relative path -> (sha256, mtime_ns) of every file below root: compare before/after to
+    prove a stage left its input untouched."""
+    root = Path(root)
+    result = {}
+    for directory, _, names in os.walk(root):
+        for name in names:
+            path = Path(directory) / name
+            result[path.relative_to(root).as_posix()] = (
+                hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns)
+    return result

@@ -1,0 +1,1 @@
+"""transferlab: a reproducible DVC + MLflow pipeline for transfer learning on images."""

