@@ -82,9 +82,10 @@ def main(method: str, name: str) -> None:
                 train.compile_model(model, train.make_optimizer(cfg["optimizer"], cfg["learning_rate"],
                                                                 cfg["momentum"]))
             if cached:
-                data_sets = [train.feature_dataset(*features.load_split(Path("features") / pair, s, "cut")[1:],
-                                                   batch_size, seed if s == "train" else None)
-                             for s in ("train", "val")]
+                data_sets = []
+                for split in ("train", "val"):
+                    _, labels, cut = features.load_split(Path("features") / pair, split, "cut")
+                    data_sets.append(train.feature_dataset(cut, labels, batch_size, seed if split == "train" else None))
             else:
                 data_sets = [images("train", True, augment != "none"), images("val", False, augment == "train_and_val")]
             history, seconds = train.fit(model, *data_sets, cfg["epochs"], [tracking.live_callback(live_dir)])

@@ -122,6 +122,6 @@ def skip_unavailable(out_dir: Path, live_dir: Path, record: dict) -> None:
     """A run that cannot happen still leaves its declared outputs, saying why, and no numbers."""
     record.update(status="unavailable")
     files.write_json(out_dir / "run.json", record)
-    live_dir.mkdir(parents=True, exist_ok=True)
+    (live_dir / "plots").mkdir(parents=True, exist_ok=True)  # declared in dvc.yaml: exists, empty
     files.write_json(live_dir / "metrics.json", {"weights_unavailable": 1})
     print(f"{record['run_name']}: skipped, weights unavailable. {record['weights'].get('message', '')}")

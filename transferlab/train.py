@@ -128,7 +128,7 @@ class StopOnNonFinite(keras.callbacks.Callback):
 def fit(model: keras.Model, train_ds, val_ds, epochs: int, callbacks=()) -> tuple[pd.DataFrame, float]:
     """Train; returns the per-epoch history (epoch from 1) and the wall time in seconds."""
     start = time.perf_counter()
-    hist = model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=2,
+    hist = model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=2, shuffle=False,  # tf.data shuffles
                      callbacks=[StopOnNonFinite(), *callbacks])
     seconds = time.perf_counter() - start
     history = pd.DataFrame(hist.history)
