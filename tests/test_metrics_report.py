@@ -191,6 +191,7 @@ def test_write_outputs(tmp_path):
     import matplotlib.pyplot as plt
 
     runs = sample_runs()
+    runs[0]["record"]["parity"] = {"parity_max_abs_logit_diff": 7.6e-6, "parity_val_accuracy_diff": 0.0}
     written = report.write(runs, tmp_path)
 
     csv = pd.read_csv(tmp_path / "results.csv")
@@ -199,7 +200,7 @@ def test_write_outputs(tmp_path):
     assert row["weights"] == "weights unavailable" and pd.isna(row["accuracy"])
 
     md = (tmp_path / "results.md").read_text()
-    table_rows = [line for line in md.splitlines() if line.startswith("| `")]
+    table_rows = [line for line in md.split("## Parity")[0].splitlines() if line.startswith("| `")]
     assert len(table_rows) == 4
     unavailable_row = next(r for r in table_rows if "resnet50" in r)
     assert "weights unavailable" in unavailable_row
@@ -209,6 +210,9 @@ def test_write_outputs(tmp_path):
     m = runs[3]["metrics"]
     lo, hi = m["accuracy_ci95"]
     assert f"{m['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]" in md
+
+    parity = md.split("## Parity", 1)[1].split("## Audit", 1)[0]
+    assert "| `finetune_top/vgg16-native` | 7.60e-06 | +0.0000 |" in parity
 
     audit = md.split("## Audit", 1)[1]
     for fingerprint in ["aaaa000011112222", "bbbb333344445555"]:

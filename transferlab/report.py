@@ -132,7 +132,7 @@ def write(runs: list[dict], out_dir) -> list[Path]:
 
 def markdown(df: pd.DataFrame, runs: list[dict]) -> str:
     """The results table followed by the audit; ``runs`` in the table's row order."""
-    lines = ["# Results", "", _markdown_table(df), "", *_audit(runs)]
+    lines = ["# Results", "", _markdown_table(df), "", *_parity(runs), *_audit(runs)]
     return "\n".join(lines) + "\n"
 
 
@@ -166,6 +166,21 @@ def _num(value, digits: int = 3) -> str:
 
 def _text(value) -> str:
     return MISSING if pd.isna(value) else str(value)
+
+
+def _parity(runs: list[dict]) -> list[str]:
+    """frozen_end_to_end is the bottleneck model trained on images: these figures say if it is."""
+    rows = [r["record"] for r in runs if r["record"].get("parity")]
+    if not rows:
+        return []
+    lines = ["## Parity: bottleneck head vs frozen end-to-end", "",
+             "Same head, seed, batch order and optimizer; on the validation split they should agree.", "",
+             "| run | max abs. logit difference | validation accuracy difference |", "| --- | --- | --- |"]
+    for record in rows:
+        p = record["parity"]
+        lines.append(f"| `{record['run_name']}` | {p['parity_max_abs_logit_diff']:.2e} | "
+                     f"{p['parity_val_accuracy_diff']:+.4f} |")
+    return lines + [""]
 
 
 def _audit(runs: list[dict]) -> list[str]:
