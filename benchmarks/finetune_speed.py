@@ -47,7 +47,7 @@ def main() -> None:
     args = parser.parse_args()
 
     bb = backbones.get(args.backbone)
-    boundary = bb.cut_points[args.cut]
+    boundary = backbones.cut_boundary(bb, args.cut)
     record = backbones.preprocessing_record(bb, "native", args.input_size)
     paths = [str(p) for p in sorted(data.elpv_root().glob("images/*.png"))[: args.images]]
     labels = [i % 4 for i in range(len(paths))]

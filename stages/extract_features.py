@@ -23,7 +23,7 @@ def main(name: str, variant: str) -> None:
         else:
             cut = None
             if name in finetune["backbones"] and variant == finetune["preprocessing"]:
-                cut = bb.cut_points[finetune["cut_point"][name]]
+                cut = backbones.cut_boundary(bb, finetune["cut_point"].get(name, ""))
             base = weights.load_backbone(bb, Path("models/weights") / name, input_size=meta["input_size"])
             model = features.extractor(base, cut, extract["conv_map"])
             manifest = data.load_manifest()

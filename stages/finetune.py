@@ -43,7 +43,7 @@ def main(method: str, name: str) -> None:
     head_cfg = {**head_params, "dropout_position": ablation["dropout_position"] or head_params["dropout_position"]}
     batch_size = ablation["batch_size"] or cfg["batch_size"]
     input_size = ablation["input_size"] or meta["input_size"]
-    boundary = bb.cut_points[ft["cut_point"][name]] if method == "finetune_top" else None
+    boundary = backbones.cut_boundary(bb, ft["cut_point"].get(name, "")) if method == "finetune_top" else None
     record = provenance.describe(name, ft["preprocessing"], input_size)
     record.update(run_name=f"{method}/{pair}", stage="finetune", method=method, status="trained",
                   params={"train" if method == "frozen_end_to_end" else "finetune": cfg, "head": head_cfg,

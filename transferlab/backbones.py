@@ -136,6 +136,15 @@ def get(name: str) -> Backbone:
         raise ValueError(f"unknown backbone {name!r}; known: {', '.join(sorted(REGISTRY))}") from None
 
 
+def cut_boundary(backbone: Backbone, cut_point: str) -> str:
+    """The layer whose output separates the frozen part from what a cut point unfreezes."""
+    try:
+        return backbone.cut_points[cut_point]
+    except KeyError:
+        raise ValueError(f"{backbone.name} has no cut point {cut_point!r}; "
+                         f"known: {', '.join(backbone.cut_points)}") from None
+
+
 def preprocessing_record(backbone: Backbone, variant: str, input_size: int | None = None) -> dict:
     """Everything that decides the pixels the network sees, as one JSON-able record."""
     if variant not in VARIANTS:
