@@ -14,9 +14,6 @@ import pandas as pd  # noqa: E402
 
 from transferlab import backbones, data, features, files, metrics, provenance, report, tracking, train  # noqa: E402
 
-RUN_DIRS = ("train_head", "frozen_end_to_end", "finetune_top")
-
-
 def test_logits(record: dict, run_dir: Path, manifest: pd.DataFrame, n_classes: int):
     """(ids, labels, logits) on the test split, after checking the inputs match the training record."""
     pair = f"{record['backbone']}-{record['preprocessing']['variant']}"
@@ -39,13 +36,22 @@ def test_logits(record: dict, run_dir: Path, manifest: pd.DataFrame, n_classes: 
     return rows["id"].tolist(), rows["class_index"].to_numpy(), train.predict_logits(model, ds)
 
 
+def run_dirs(params: dict) -> list[Path]:
+    """The runs the current params define; leftovers of other settings under runs/ are not scored."""
+    extract, finetune = params["extract"], params["finetune"]
+    pairs = [Path("runs/train_head") / f"{b}-{p}" for b in extract["backbones"] for p in extract["preprocessing"]]
+    return pairs + [Path("runs") / m / f"{b}-{finetune['preprocessing']}"
+                    for m in finetune["methods"] for b in finetune["backbones"]]
+
+
 def main() -> None:
-    params = files.load_params()["evaluate"]
+    all_params = files.load_params()
+    params = all_params["evaluate"]
     manifest = data.load_manifest()
     classes = data.load_classes()
     by_id = manifest.set_index("id")
     runs = []
-    for run_dir in sorted(p for d in RUN_DIRS for p in (Path("runs") / d).glob("*") if p.is_dir()):
+    for run_dir in run_dirs(all_params):
         record = files.read_json(run_dir / "run.json")
         run = {"record": record, "metrics": None, "history": None}
         if record["status"] == "trained":

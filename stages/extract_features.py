@@ -21,9 +21,9 @@ def main(name: str, variant: str) -> None:
         if meta["status"] == "unavailable":
             print(f"{name}: weights unavailable, no features extracted. {meta['weights']['message']}")
         else:
-            cut = None
-            if name in finetune["backbones"] and variant == finetune["preprocessing"]:
-                cut = backbones.cut_boundary(bb, finetune["cut_point"].get(name, ""))
+            cut = None  # cut activations feed finetune_top's cached path; stored whatever finetune.backbones says
+            if name in finetune["cut_point"] and variant == finetune["preprocessing"]:
+                cut = backbones.cut_boundary(bb, finetune["cut_point"][name])
             base = weights.load_backbone(bb, Path("models/weights") / name, input_size=meta["input_size"])
             model = features.extractor(base, cut, extract["conv_map"])
             manifest = data.load_manifest()
