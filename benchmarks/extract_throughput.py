@@ -15,7 +15,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from transferlab import backbones, data, features  # noqa: E402

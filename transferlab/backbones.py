@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 VARIANTS = ("native", "rescale")
@@ -183,7 +183,3 @@ def normalise(images, record: dict):
     if record["colour_order"] == "BGR":
         images = images[..., ::-1]
     return (images - tf.constant(record["mean"], tf.float32)) / tf.constant(record["std"], tf.float32)
-
-
-def as_dict(backbone: Backbone) -> dict:
-    return asdict(backbone)
