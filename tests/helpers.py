@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+
 
 def make_image(class_index: int, n_classes: int, size: int = 32, seed: int = 0) -> np.ndarray:
     """One size x size RGB uint8 image of class ``class_index``.

@@ -12,9 +12,7 @@ import mlflow
 import pandas as pd
 import pytest
 import yaml
-from helpers import make_image_tree
-
-from tests.test_train import ROOT
+from helpers import ROOT, make_image_tree
 
 RUNS = ["train_head/vgg16-native", "train_head/vgg16-rescale", "frozen_end_to_end/vgg16-native",
         "finetune_top/vgg16-native"]

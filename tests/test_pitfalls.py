@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.test_train import ROOT
+from helpers import ROOT
 
 spec = importlib.util.spec_from_file_location("pitfalls_report", ROOT / "study" / "pitfalls_report.py")
 pr = importlib.util.module_from_spec(spec)

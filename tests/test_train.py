@@ -3,15 +3,14 @@ determinism, non-finite losses, atomic outputs and tf.distribute. Small real Ker
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 
-from transferlab import files, train
+from helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+from transferlab import files, train
 HEAD = {"units": 16, "dropout": 0.5, "dropout_position": "after_dense", "pooling": "avg"}
 
 
