@@ -1,7 +1,8 @@
 """extract_features: pooled (and cut-point) features of one backbone x preprocessing pair, per split.
 
 Usage: python stages/extract_features.py BACKBONE PREPROCESSING
-Writes features/BACKBONE-PREPROCESSING/{train,val,test}/ and meta.json (how they were made).
+Writes features/BACKBONE-PREPROCESSING/{train,val,test}/ and meta.json (how they were made), and the
+extraction speed to results/extract_features/BACKBONE-PREPROCESSING.json.
 """
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ def main(name: str, variant: str) -> None:
     bb = backbones.get(name)
     meta = provenance.describe(name, variant, extract["input_size"].get(name))
     meta.update(status=meta["weights"]["status"], batch_size=extract["batch_size"], versions=features.versions())
+    speed = {"weights_unavailable": 1}
     with files.atomic_dir(Path("features") / f"{name}-{variant}") as out:
         if meta["status"] == "unavailable":
             print(f"{name}: weights unavailable, no features extracted. {meta['weights']['message']}")
@@ -28,13 +30,19 @@ def main(name: str, variant: str) -> None:
             model = features.extractor(base, cut, extract["conv_map"])
             manifest = data.load_manifest()
             manifest["abspath"] = data.resolve_paths(manifest)
-            meta["cut_boundary"], meta["splits"] = cut, {}
+            meta["cut_boundary"], meta["splits"], speed = cut, {}, {}
             for split in features.SPLITS:
                 rows = manifest[manifest["split"] == split]
-                meta["splits"][split] = features.extract_split(
+                stats = features.extract_split(
                     model, rows["abspath"].tolist(), rows["class_index"].tolist(), rows["id"].tolist(),
                     meta["preprocessing"], extract["batch_size"], out / split, f"{name}-{variant} {split}")
+                speed[split] = {k: stats.pop(k) for k in ("seconds", "images_per_second")}
+                meta["splits"][split] = stats
         files.write_json(out / "meta.json", meta)
+    # Timings vary run to run; kept out of features/ so identical features keep later stages cached.
+    metrics = Path("results/extract_features") / f"{name}-{variant}.json"
+    metrics.parent.mkdir(parents=True, exist_ok=True)
+    files.write_json(metrics, speed)
 
 
 if __name__ == "__main__":
