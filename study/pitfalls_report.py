@@ -33,6 +33,7 @@ from scipy import stats  # noqa: E402
 
 from transferlab import metrics as tl_metrics  # noqa: E402
 from transferlab import report as tl_report  # noqa: E402
+from transferlab.tracking import flatten  # noqa: E402
 
 EXP_NAME = re.compile(r"^pitfall-(?P<setting>.+)-s(?P<seed>\d+)$")
 BN_NET = "efficientnet_lite0"  # the BatchNorm network with offline weights (VGG16 has no BatchNorm)
@@ -77,16 +78,6 @@ def fmt(ci: dict | None, signed: bool = False) -> str:
 
 
 # ---------------------------------------------------------------- dvc exp show --json
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in (d or {}).items():
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _params(data: dict) -> dict:
