@@ -28,8 +28,7 @@ def test_logits(record: dict, run_dir: Path, manifest: pd.DataFrame, n_classes: 
     current = provenance.describe(record["backbone"], record["preprocessing"]["variant"], record["input_size"])
     provenance.check_same(record, current, record["run_name"])
     base = backbones.get(record["backbone"]).build(False, None, record["input_size"])
-    shape = base.output.shape[-1:] if head_cfg["pooling"] == "avg" else base.output.shape[1:]
-    model = train.end_to_end(base, train.build_head(shape, n_classes, head_cfg, 0), head_cfg["pooling"])
+    model = train.end_to_end(base, train.head_for(base, n_classes, head_cfg, 0), head_cfg["pooling"])
     model.load_weights(run_dir / "model.weights.h5")
     rows = manifest[manifest["split"] == "test"]
     ds = features.image_dataset(data.resolve_paths(rows), rows["class_index"].tolist(), record["preprocessing"], 32)

@@ -73,8 +73,7 @@ def main(method: str, name: str) -> None:
             with train.strategy().scope():
                 base = weights.load_backbone(bb, Path("models/weights") / name, input_size=input_size)
                 train.configure_base(base, boundary, ablation["bn_training"])
-                shape = base.output.shape[-1:] if head_cfg["pooling"] == "avg" else base.output.shape[1:]
-                head = train.build_head(shape, n_classes, head_cfg, seed)
+                head = train.head_for(base, n_classes, head_cfg, seed)
                 if method == "finetune_top" and ft["head_init"] == "trained":
                     head.load_weights(Path("runs/train_head") / pair / "head.weights.h5")
                 full = train.end_to_end(base, head, head_cfg["pooling"])

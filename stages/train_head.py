@@ -29,14 +29,8 @@ def main(name: str, variant: str) -> None:
         _, y_train, x_train = features.load_split(Path("features") / pair, "train", output)
         _, y_val, x_val = features.load_split(Path("features") / pair, "val", output)
         with tracking.run(record, record["params"]) as active:
-            train.seed_everything(cfg["seed"])
-            with train.strategy().scope():
-                head = train.build_head(x_train.shape[1:], len(data.load_classes()), head_cfg, cfg["seed"])
-                train.compile_model(head, train.make_optimizer(cfg["optimizer"], cfg["learning_rate"], cfg["momentum"]))
-            history, seconds = train.fit(
-                head, train.feature_dataset(x_train, y_train, cfg["batch_size"], shuffle_seed=cfg["seed"]),
-                train.feature_dataset(x_val, y_val, cfg["batch_size"]), cfg["epochs"],
-                [tracking.live_callback(live_dir)])
+            head, history, seconds = train.train_head(x_train, y_train, x_val, y_val, len(data.load_classes()),
+                                                      cfg, head_cfg, [tracking.live_callback(live_dir)])
             head.save_weights(out / "head.weights.h5")
             record.update(train_seconds=round(seconds, 2), mlflow_run_id=active.info.run_id,
                           val_accuracy=float(history["val_accuracy"].iloc[-1]))

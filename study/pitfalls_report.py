@@ -318,19 +318,6 @@ def counted_labels(labels) -> np.ndarray:
     return np.repeat(np.arange(labels.max() + 1), np.bincount(labels))
 
 
-def fit_head(x_train, y_train, x_val, y_val, n_classes: int, train_cfg: dict, head_cfg: dict, seed: int):
-    """The train_head stage's model and fit (transferlab.train), on in-memory arrays."""
-    from transferlab import train
-
-    train.seed_everything(seed)
-    head = train.build_head(x_train.shape[1:], n_classes, head_cfg, seed)
-    train.compile_model(head, train.make_optimizer(train_cfg["optimizer"], train_cfg["learning_rate"],
-                                                   train_cfg.get("momentum", 0.0)))
-    train.fit(head, train.feature_dataset(x_train, y_train, train_cfg["batch_size"], shuffle_seed=seed),
-              train.feature_dataset(x_val, y_val, train_cfg["batch_size"]), train_cfg["epochs"])
-    return head
-
-
 def label_alignment(splits: dict, classes: list[str], train_cfg: dict, head_cfg: dict, seeds) -> dict:
     """Train the same head with manifest labels and with counted labels; score both on true test labels.
 
@@ -338,13 +325,16 @@ def label_alignment(splits: dict, classes: list[str], train_cfg: dict, head_cfg:
     Per seed and label source: test metrics against the manifest's labels, and the accuracy a user
     who also counted the test labels would read. Also the share of training rows the counting gets right.
     """
+    from transferlab import train
+
     (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = (splits[s] for s in ("train", "val", "test"))
     out = {"agreement": float(np.mean(counted_labels(y_tr) == y_tr)),
            "majority": float(np.bincount(y_te).max() / len(y_te)), "chance_balanced": 1 / len(classes),
            "manifest": {}, "counted": {}}
     for seed in seeds:
         for source, relabel in (("manifest", lambda y: y), ("counted", counted_labels)):
-            head = fit_head(x_tr, relabel(y_tr), x_va, relabel(y_va), len(classes), train_cfg, head_cfg, seed)
+            head = train.train_head(x_tr, relabel(y_tr), x_va, relabel(y_va), len(classes),
+                                    {**train_cfg, "seed": seed}, head_cfg)[0]
             pred = head.predict(x_te, verbose=0).argmax(1)
             m = tl_metrics.compute(y_te, pred, classes, bootstrap=200, seed=seed)
             out[source][seed] = {"accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"],

@@ -58,6 +58,12 @@ def build_head(input_shape, n_classes: int, head: dict, seed: int) -> keras.Mode
     return keras.Model(inputs, logits, name="head")
 
 
+def head_for(base: keras.Model, n_classes: int, head: dict, seed: int) -> keras.Model:
+    """The head that fits on ``base``: its pooled vector, or its last map flattened."""
+    shape = base.output.shape[-1:] if head["pooling"] == "avg" else base.output.shape[1:]
+    return build_head(shape, n_classes, head, seed)
+
+
 def _pool(x, pooling: str):
     return keras.layers.GlobalAveragePooling2D(name="pooled")(x) if pooling == "avg" else x
 
@@ -142,6 +148,17 @@ def feature_dataset(x, y, batch_size: int, shuffle_seed: int | None = None) -> t
     if shuffle_seed is not None:
         ds = ds.shuffle(len(y), seed=shuffle_seed, reshuffle_each_iteration=True)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def train_head(x_train, y_train, x_val, y_val, n_classes: int, cfg: dict, head: dict, callbacks=()):
+    """The bottleneck head on in-memory features; returns (model, history, seconds)."""
+    seed_everything(cfg["seed"])
+    with strategy().scope():
+        model = build_head(x_train.shape[1:], n_classes, head, cfg["seed"])
+        compile_model(model, make_optimizer(cfg["optimizer"], cfg["learning_rate"], cfg["momentum"]))
+    history, seconds = fit(model, feature_dataset(x_train, y_train, cfg["batch_size"], shuffle_seed=cfg["seed"]),
+                           feature_dataset(x_val, y_val, cfg["batch_size"]), cfg["epochs"], callbacks)
+    return model, history, seconds
 
 
 def predict_logits(model: keras.Model, ds) -> np.ndarray:
