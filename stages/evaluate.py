@@ -74,7 +74,7 @@ def main() -> None:
     report.write(runs, Path("reports"))
     files.write_json(Path("reports/metrics.json"), {
         r["record"]["run_name"]: ({k: round(float(np.asarray(r["metrics"][k])), 4)
-                                   for k in ("accuracy", "balanced_accuracy", "macro_f1")}
+                                   for k in ("accuracy", "balanced_accuracy", "macro_f1", "majority_class_accuracy")}
                                   if r["metrics"] else {"weights_unavailable": 1})
         for r in runs})
 

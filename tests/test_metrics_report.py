@@ -41,6 +41,7 @@ def test_metrics_match_hand_computed_values():
     assert m["macro_f1"] == pytest.approx((2 / 3 + 4 / 7 + 0 + 0) / 4)  # 0.309524
     # balanced accuracy: mean recall over the 3 classes present in y_true, ghost excluded
     assert m["balanced_accuracy"] == pytest.approx((0.75 + 2 / 3 + 0) / 3)  # 0.472222
+    assert m["majority_class_accuracy"] == pytest.approx(4 / 9)  # functional, the largest class
     assert m["group_accuracy"] == {
         "cell_type": {"mono": {"accuracy": 0.4, "n": 5}, "poly": {"accuracy": 0.75, "n": 4}}
     }

@@ -27,7 +27,7 @@ def sh(*cmd, cwd, env=None, timeout=1200):
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     repo = tmp_path_factory.mktemp("repo")
-    for name in ("stages", "transferlab"):
+    for name in ("stages", "transferlab", "study"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(ROOT / name, repo / name)
@@ -121,3 +121,20 @@ def test_retraining_with_the_same_seed_gives_identical_metrics(repo):
     assert (repo / "runs/train_head/vgg16-native/history.csv").read_text() == history
     sh("dvc", "repro", "evaluate", cwd=repo, env=env)
     assert read(repo, "results/eval/train_head/vgg16-native/metrics.json") == before
+
+
+def test_linear_probe_runs_as_an_experiment_beside_the_workspace(repo, tmp_path):
+    repo, env = repo
+    before = {name: (repo / name).read_bytes() for name in ("params.yaml", "dvc.lock")}
+    db = f"sqlite:///{tmp_path / 'probe.db'}"
+    out = sh("bash", "study/linear_probe.sh", str(repo.parent / "images"),
+             cwd=repo, env={**env, "PROBE_NAME": "probe-test", "MLFLOW_TRACKING_URI": db})
+    assert {name: (repo / name).read_bytes() for name in before} == before
+    assert "Data and pipelines are up to date" in sh("dvc", "status", cwd=repo, env=env)
+    client = mlflow.MlflowClient(db)
+    (run,) = client.search_runs([client.get_experiment_by_name("transferlab").experiment_id])
+    assert run.info.run_name == "train_head/vgg16-native"  # the only run: no fine-tuning, no rescale
+    assert run.data.params["head.units"] == "0"
+    accuracy = run.data.metrics["test_accuracy"]
+    assert f"probe-test: train_head/vgg16-native, {repo.parent / 'images'}, input size 32 px" in out
+    assert f"test accuracy {accuracy:.3f} (always guessing the largest class: " in out

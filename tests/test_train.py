@@ -102,6 +102,22 @@ def test_dropout_position_changes_only_the_dropout_place():
     assert np.array_equal(after(x, training=False).numpy(), before(x, training=False).numpy())
 
 
+def test_linear_head_is_one_dense_layer_that_learns_a_linear_rule():
+    head = {**HEAD, "units": 0, "dropout": 0.0}
+    model = train.build_head((8,), 3, head, 0)
+    assert [layer.name for layer in model.layers] == ["features", "head_dropout", "logits"]
+    assert [tuple(w.shape) for w in model.weights] == [(8, 3), (3,)]
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 8)).astype("float32")
+    y = (x @ rng.normal(size=(8, 3))).argmax(1)  # classes a linear map separates exactly
+    cfg = {"seed": 0, "epochs": 30, "batch_size": 32, "optimizer": "adam", "learning_rate": 0.05, "momentum": 0.9}
+    model, _, _ = train.train_head(x[:400], y[:400], x[400:500], y[400:500], 3, cfg, head)
+    accuracy = (model(x[500:], training=False).numpy().argmax(1) == y[500:]).mean()
+    assert accuracy >= 0.9
+    with pytest.raises(ValueError, match="head.units"):
+        train.build_head((8,), 3, {**HEAD, "units": -1}, 0)
+
+
 def test_configure_base_unfreezes_exactly_above_the_boundary():
     base = small_base()
     train.configure_base(base, "pool", bn_training=False)

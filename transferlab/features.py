@@ -86,7 +86,7 @@ def extract_split(model, paths, labels, ids, record: dict, batch_size: int, out_
                                         shape=(n, *tensor.shape[1:]))
         for name, tensor in model.output.items()
     }
-    forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True, autograph=False)
     start, row = time.perf_counter(), 0
     with tqdm(total=n, desc=desc, unit="img") as bar:
         for images, _ in image_dataset(paths, labels, record, batch_size):

@@ -66,6 +66,7 @@ def compute(
         "accuracy": accuracy,
         "accuracy_ci95": _bootstrap_ci(int(correct.sum()), n, int(bootstrap), seed),
         "balanced_accuracy": float(recall[support > 0].mean()),
+        "majority_class_accuracy": float(support.max() / n),  # the score of always guessing the largest class
         "macro_f1": float(f1.mean()),
         "per_class": {
             name: {

@@ -445,10 +445,5 @@ def _comparison(runs: list[dict]) -> Figure:
 
 def _majority_baseline(runs: list[dict]) -> float | None:
     """Share of the largest class, when all measured runs saw the same test labels."""
-    supports = {
-        tuple(c["support"] for c in r["metrics"]["per_class"].values()) for r in runs if r.get("metrics")
-    }
-    if len(supports) != 1:
-        return None
-    (support,) = supports
-    return max(support) / sum(support)
+    baselines = {r["metrics"]["majority_class_accuracy"] for r in runs if r.get("metrics")}
+    return baselines.pop() if len(baselines) == 1 else None

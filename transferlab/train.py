@@ -41,18 +41,25 @@ def feature_output(pooling: str) -> str:
 
 
 def build_head(input_shape, n_classes: int, head: dict, seed: int) -> keras.Model:
-    """Dense(units, relu) + Dropout -> Dense(classes) logits; Dropout in front of the Dense is the ablation."""
+    """Dense(units, relu) + Dropout -> Dense(classes) logits; Dropout in front of the Dense is the ablation.
+
+    ``units: 0`` is a linear classifier on the features (the linear probe); Dropout then acts on the features.
+    """
     if head["dropout_position"] not in DROPOUT_POSITIONS:
         raise ValueError(f"head.dropout_position must be one of {DROPOUT_POSITIONS}, got {head['dropout_position']!r}")
+    if not (isinstance(head["units"], int) and head["units"] >= 0):
+        raise ValueError(f"head.units must be an integer >= 0 (0: linear classifier), got {head['units']!r}")
     inputs = keras.Input(tuple(input_shape), name="features")
     x = keras.layers.Flatten(name="head_flatten")(inputs) if len(input_shape) > 1 else inputs
     dropout = keras.layers.Dropout(head["dropout"], seed=seed, name="head_dropout")
-    if head["dropout_position"] == "before_dense":
+    linear = head["units"] == 0
+    if linear or head["dropout_position"] == "before_dense":
         x = dropout(x)
-    x = keras.layers.Dense(head["units"], activation="relu", name="head_dense",
-                           kernel_initializer=keras.initializers.GlorotUniform(seed))(x)
-    if head["dropout_position"] == "after_dense":
-        x = dropout(x)
+    if not linear:
+        x = keras.layers.Dense(head["units"], activation="relu", name="head_dense",
+                               kernel_initializer=keras.initializers.GlorotUniform(seed))(x)
+        if head["dropout_position"] == "after_dense":
+            x = dropout(x)
     logits = keras.layers.Dense(n_classes, name="logits",
                                 kernel_initializer=keras.initializers.GlorotUniform(seed + 1))(x)
     return keras.Model(inputs, logits, name="head")
