@@ -68,13 +68,13 @@ def main() -> None:
         return train.make_optimizer("sgd", 1e-4, 0.9)
 
     train.configure_base(base, boundary, False)
-    head = train.build_head(base.output.shape[-1:], 4, HEAD, 0)
+    head = train.head_for(base, 4, HEAD, 0)
     full = epoch_seconds(train.end_to_end(base, head, "avg"), images, sgd(), args.epochs)
     cached = epoch_seconds(train.top_model(base, boundary, head, "avg"),
                            train.feature_dataset(cache["cut"], labels, args.batch_size, 0), sgd(), args.epochs)
 
     train.configure_base(base, None, False)
-    head = train.build_head(base.output.shape[-1:], 4, HEAD, 0)
+    head = train.head_for(base, 4, HEAD, 0)
     frozen = epoch_seconds(train.end_to_end(base, head, "avg"), images, train.make_optimizer("adam", 1e-3),
                            args.epochs)
     on_features = epoch_seconds(head, train.feature_dataset(cache["pooled"], labels, args.batch_size, 0),

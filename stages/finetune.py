@@ -23,8 +23,7 @@ METHODS = ("frozen_end_to_end", "finetune_top")
 def parity(model, head_cfg: dict, n_classes: int, pair: str, val_images, pooling: str) -> dict:
     """Compare with train_head on the validation split: same model, so logits should agree."""
     _, y_val, x_val = features.load_split(Path("features") / pair, "val", train.feature_output(pooling))
-    head = train.build_head(x_val.shape[1:], n_classes, head_cfg, 0)
-    head.load_weights(Path("runs/train_head") / pair / "head.weights.h5")
+    head = train.load_head(Path("runs/train_head") / pair / "head.weights.h5", x_val.shape[1:], n_classes, head_cfg)
     bottleneck = head(x_val, training=False).numpy()
     end_to_end = train.predict_logits(model, val_images)
     acc = lambda logits: float(np.mean(logits.argmax(1) == y_val))  # noqa: E731

@@ -397,8 +397,7 @@ def block_mix(manifest: pd.DataFrame, columns: list[str]) -> dict:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *("| " + " | ".join(r) + " |" for r in rows), ""]
+    return [*tl_report.md_table(header, rows), ""]
 
 
 def _code(text: str) -> list[str]:

@@ -154,10 +154,13 @@ def _markdown_table(df: pd.DataFrame) -> str:
             *[_code(r[c]) for c in ["preprocessing_fingerprint", "weights_checksum", "manifest_sha256"]],
         ]
         body.append(cells)
-    return "\n".join(
-        "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
-        for cells in [header, ["---"] * len(header), *body]
-    )
+    return "\n".join(md_table(header, body))
+
+
+def md_table(header: list[str], rows: list[list]) -> list[str]:
+    """Markdown table lines; a '|' inside a cell is escaped so it cannot split the cell."""
+    return ["| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+            for cells in [header, ["---"] * len(header), *rows]]
 
 
 def _num(value, digits: int = 3) -> str:
@@ -173,14 +176,11 @@ def _parity(runs: list[dict]) -> list[str]:
     rows = [r["record"] for r in runs if r["record"].get("parity")]
     if not rows:
         return []
-    lines = ["## Parity: bottleneck head vs frozen end-to-end", "",
-             "Same head, seed, batch order and optimizer; on the validation split they should agree.", "",
-             "| run | max abs. logit difference | validation accuracy difference |", "| --- | --- | --- |"]
-    for record in rows:
-        p = record["parity"]
-        lines.append(f"| `{record['run_name']}` | {p['parity_max_abs_logit_diff']:.2e} | "
-                     f"{p['parity_val_accuracy_diff']:+.4f} |")
-    return lines + [""]
+    body = [[f"`{r['run_name']}`", f"{r['parity']['parity_max_abs_logit_diff']:.2e}",
+             f"{r['parity']['parity_val_accuracy_diff']:+.4f}"] for r in rows]
+    return ["## Parity: bottleneck head vs frozen end-to-end", "",
+            "Same head, seed, batch order and optimizer; on the validation split they should agree.", "",
+            *md_table(["run", "max abs. logit difference", "validation accuracy difference"], body), ""]
 
 
 def _audit(runs: list[dict]) -> list[str]:

@@ -65,6 +65,13 @@ def build_head(input_shape, n_classes: int, head: dict, seed: int) -> keras.Mode
     return keras.Model(inputs, logits, name="head")
 
 
+def load_head(weights_file, input_shape, n_classes: int, head: dict) -> keras.Model:
+    """A head with the weights train_head saved (the seed only matters before weights are loaded)."""
+    model = build_head(input_shape, n_classes, head, 0)
+    model.load_weights(weights_file)
+    return model
+
+
 def head_for(base: keras.Model, n_classes: int, head: dict, seed: int) -> keras.Model:
     """The head that fits on ``base``: its pooled vector, or its last map flattened."""
     shape = base.output.shape[-1:] if head["pooling"] == "avg" else base.output.shape[1:]
