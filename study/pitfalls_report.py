@@ -404,6 +404,13 @@ def _code(text: str) -> list[str]:
     return ["```bash", text, "```", ""]
 
 
+def _t_note(n_seeds: int) -> str:
+    """The quantile the intervals use, for the seed count actually run (not a fixed 3)."""
+    if n_seeds < 2:
+        return f"no interval with {n_seeds} seed{'s' * (n_seeds != 1)}"
+    return f"t = {stats.t.ppf(0.975, n_seeds - 1):.2f} for {n_seeds} seeds"
+
+
 def markdown(experiments, prep, frozen, bn_at_bs1, tuned, alignment, seeds_used) -> str:
     wide = study_wide(experiments)
     source = next((e["params"].get("data.source") for e in experiments.values()), None)
@@ -412,7 +419,7 @@ def markdown(experiments, prep, frozen, bn_at_bs1, tuned, alignment, seeds_used)
         "# Pitfall study", "",
         f"{len(experiments)} experiments (`dvc exp show`: `pitfall-<setting>-s<seed>`), seeds "
         f"{seeds_used or '—'}. Every figure is test accuracy on {data}: the mean over seeds with its 95% "
-        "t-interval (mean ± t(0.975, n − 1) × sd/√n; t = 4.30 for 3 seeds). An effect is a difference from "
+        f"t-interval (mean ± t(0.975, n − 1) × sd/√n; {_t_note(len(seeds_used))}). An effect is a difference from "
         "its reference, paired by seed, with the t-interval of the paired differences. The intervals cover "
         "seed-to-seed variation of training, not the sampling of the test set (the bootstrap intervals in "
         "`reports/results.md` do that).", "",

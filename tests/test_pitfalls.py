@@ -188,6 +188,9 @@ def test_markdown_and_plot(exp_show, tmp_path):
     assert "| resnet50 (BatchNorm, Keras download) | weights unavailable |" in text
     assert "`ablation.bn_training=true`" in text and "— aligned." in text
     assert "-0.450 [-0.450, -0.450]" in text  # counted - manifest, paired by seed
+    assert "t = 4.30 for 3 seeds" in text
+    four = pr.markdown(experiments, prep, frozen, bn_at_bs1, tuned, alignment, [0, 1, 2, 3])
+    assert "t = 3.18 for 4 seeds" in four and "4.30" not in four  # the quantile follows the seed count
     path = pr.plot(prep, frozen, tuned, alignment, tmp_path / "plots" / "pitfalls.png")
     assert path.stat().st_size > 10_000
 
