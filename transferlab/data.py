@@ -282,12 +282,12 @@ def inspect_image(path: str | os.PathLike) -> dict:
         raise BadFile(f"unsupported image mode {mode!r} (supported: {', '.join(CONVERSIONS)})")
     if kind == "PNG" and _PNG_END not in data:
         raise BadFile("truncated PNG (no IEND chunk at the end)")
-    if kind == "PNG":
-        _check_png_crcs(data)
     try:
         open_rgb(io.BytesIO(data))
     except Exception as error:  # noqa: BLE001 - whatever stops a full decode makes it unusable
         raise BadFile(f"corrupt or truncated image ({type(error).__name__}: {error})") from None
+    if kind == "PNG":
+        _check_png_crcs(data)
     return {
         "sha256": hashlib.sha256(data).hexdigest(),
         "width": width,
