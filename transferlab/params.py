@@ -26,7 +26,11 @@ class ParamsError(ValueError):
 
 
 class Invalid(ValueError):
-    pass
+    """Why a value is refused; ``problems`` holds (sub-key, message) pairs, e.g. (".vgg16", "must be ...")."""
+
+    def __init__(self, message: str, at: str = "", problems: list[tuple[str, str]] | None = None):
+        super().__init__(message)
+        self.problems = problems or [(at, message)]
 
 
 def _got(value) -> str:
@@ -113,15 +117,28 @@ def list_of(inner: Check, unique: bool = True, allow_str: bool = False) -> Check
     return check
 
 
-def mapping(key: Check, value: Check) -> Check:
-    """A dict (null: empty) whose keys and values the checks accept."""
+def mapping(key: Check, value: Check | Callable[[Any, Any], Any], keyed: bool = False) -> Check:
+    """A dict (null: empty) whose keys and values the checks accept; ``keyed``: value(key, value)."""
     def check(found):
         if found is None:
             return {}
         if not isinstance(found, dict):
             raise Invalid(f"must be a mapping, {_got(found)}")
-        return {key(k): value(v) for k, v in found.items()}
+        out, problems = {}, []
+        for k, v in found.items():
+            try:
+                out[key(k)] = value(k, v) if keyed else value(v)
+            except Invalid as error:
+                problems += [(f".{k}{at}", message) for at, message in error.problems]
+        if problems:
+            raise Invalid(problems[0][1], problems=problems)
+        return out
     return check
+
+
+def cut_point(name: str, value):
+    """A fine-tuning cut point that the backbone's registry record defines."""
+    return choice(*backbones.REGISTRY[name].cut_points)(value)
 
 
 backbone = choice(*sorted(backbones.REGISTRY))
@@ -175,7 +192,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "backbones": list_of(backbone),
         "preprocessing": variant,
         "methods": list_of(choice(*FINETUNE_METHODS)),
-        "cut_point": mapping(backbone, text),
+        "cut_point": mapping(backbone, cut_point, keyed=True),
         "epochs": integer(1),
         "batch_size": integer(1),
         "optimizer": choice(*OPTIMIZERS),
@@ -206,10 +223,6 @@ def _relations(p: dict) -> list[str]:
         problems.append("data.folder: must name the image tree when data.source is folder, got None")
     if "finetune" in p:
         ft = p["finetune"]
-        for name, cut in ft["cut_point"].items():
-            if cut not in backbones.REGISTRY[name].cut_points:
-                known = ", ".join(backbones.REGISTRY[name].cut_points)
-                problems.append(f"finetune.cut_point.{name}: must be one of {known}, got {cut!r}")
         if "finetune_top" in ft["methods"]:
             for name in ft["backbones"]:
                 if name not in ft["cut_point"]:
@@ -256,7 +269,7 @@ def validate(raw) -> dict:
             try:
                 values[key] = check(given[key])
             except Invalid as error:
-                problems.append(f"{section}.{key}: {error}")
+                problems += [f"{section}.{key}{at}: {message}" for at, message in error.problems]
                 ok = False
         if ok:
             checked[section] = values
