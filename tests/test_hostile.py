@@ -39,7 +39,7 @@ def repo(tmp_path_factory):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(ROOT / name, repo / name)
-    images = make_image_tree(repo.parent / "images", classes={"a": 10, "b": 10, "c": 10}, size=40)
+    images = make_image_tree(tmp_path_factory.mktemp("hostile-images"), classes={"a": 10, "b": 10, "c": 10}, size=40)
     for i, name in enumerate(ODD_NAMES):
         Image.fromarray(make_image("abc".index(name[0]), 3, 40, seed=100 + i)).save(images / name)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())

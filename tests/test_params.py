@@ -75,6 +75,7 @@ def test_yaml_1_1_exponents_are_numbers():
     ({"data__test_fraction": 1.5}, "data.test_fraction: must be a number in (0, 1), got 1.5"),
     ({"ablation__batch_size": 0}, "ablation.batch_size: must be an integer >= 1, got 0 (or null)"),
     ({"head__units": True}, "head.units: must be an integer >= 0, got True"),
+    ({"head__units": -1}, "head.units: must be an integer >= 0, got -1"),
 ])
 def test_relations_and_edge_values(edits, words):
     with pytest.raises(params.ParamsError) as error:

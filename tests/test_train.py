@@ -113,9 +113,7 @@ def test_linear_head_is_one_dense_layer_that_learns_a_linear_rule():
     cfg = {"seed": 0, "epochs": 30, "batch_size": 32, "optimizer": "adam", "learning_rate": 0.05, "momentum": 0.9}
     model, _, _ = train.train_head(x[:400], y[:400], x[400:500], y[400:500], 3, cfg, head)
     accuracy = (model(x[500:], training=False).numpy().argmax(1) == y[500:]).mean()
-    assert accuracy >= 0.9
-    with pytest.raises(ValueError, match="head.units"):
-        train.build_head((8,), 3, {**HEAD, "units": -1}, 0)
+    assert accuracy >= 0.9  # head.units < 0 is refused by transferlab.params (tests/test_params.py)
 
 
 def test_configure_base_unfreezes_exactly_above_the_boundary():

@@ -47,9 +47,9 @@ import importlib.metadata
 import importlib.util
 import io
 import math
+import os
 import struct
 import zlib
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -329,7 +329,7 @@ def elpv_root() -> Path:
     return Path(spec.origin).resolve().parent / "data"
 
 
-# ---------------------------------------------------------------- params and sources
+# ---------------------------------------------------------------- sources
 
 
 def _walk(root: Path, under: str = "") -> tuple[list[str], list[tuple[str, str]]]:
@@ -343,7 +343,7 @@ def _walk(root: Path, under: str = "") -> tuple[list[str], list[tuple[str, str]]
         prefix = "" if rel == "." else rel + "/"
         here = os.path.realpath(directory)
         for name in list(subdirs):
-            reason = _unusable_name(name)
+            reason = _unusable_name(name, "folder")
             if reason is None:
                 target = os.path.realpath(os.path.join(directory, name))
                 if here == target or here.startswith(target.rstrip(os.sep) + os.sep):
@@ -352,9 +352,9 @@ def _walk(root: Path, under: str = "") -> tuple[list[str], list[tuple[str, str]]
                 bad.append((printable(prefix + name) + "/", reason))
                 subdirs.remove(name)
         for name in names:
-            reason = _unusable_name(name)
+            reason = _unusable_name(name, "file")
             if reason:
-                bad.append((printable(prefix + name), reason.replace("folder", "file")))
+                bad.append((printable(prefix + name), reason))
             else:
                 found.append(prefix + name)
     return sorted(found), bad
@@ -365,12 +365,12 @@ def printable(path: str) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def _unusable_name(name: str) -> str | None:
-    """Why a folder entry is not read (hidden, or a name that is not text), else None."""
+def _unusable_name(name: str, kind: str) -> str | None:
+    """Why a file or folder is not read (hidden, or a name that is not text), else None."""
     if name != printable(name):
-        return "folder name is not valid UTF-8 (not read; ids must be text)"
+        return f"{kind} name is not valid UTF-8 (not read; ids must be text)"
     if name.startswith("."):
-        return "hidden folder (not read)"
+        return f"hidden {kind} (not read)"
     return None
 
 
@@ -380,7 +380,7 @@ def _scan_folder(folder) -> _Scan:
     if not root.is_dir():
         raise DataError(f"data.folder {folder!r} is not a directory (resolved to {root})")
     found, bad = _walk(root)
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and _unusable_name(e.name) is None)
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and _unusable_name(e.name, "folder") is None)
     candidates = []
     for path in found:
         if "/" in path:
