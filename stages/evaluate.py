@@ -1,8 +1,10 @@
 """evaluate: score every trained run on the test split and write the comparison reports.
 
 Each run is scored with exactly the preprocessing, input size, weights and manifest it was
-trained with; a mismatch is refused, naming both records. Test metrics go into the MLflow
-run that trained the model, into results/eval/ and into reports/ (tables, audit, plots).
+trained with; a mismatch is refused, naming both records. Every run's inputs are checked
+and scored before anything is written or logged, so a refusal leaves no partial evaluation.
+Test metrics go into the MLflow run that trained the model, into results/eval/ and into
+reports/ (tables, audit, plots).
 """
 import sys
 from pathlib import Path
@@ -13,13 +15,15 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from transferlab import backbones, data, features, files, metrics, provenance, report, tracking, train  # noqa: E402
+from transferlab.params import load_for_stage  # noqa: E402
+
 
 def test_logits(record: dict, run_dir: Path, manifest: pd.DataFrame, n_classes: int):
     """(ids, labels, logits) on the test split, after checking the inputs match the training record."""
     pair = f"{record['backbone']}-{record['preprocessing']['variant']}"
     head_cfg = record["params"]["head"]
     if record["method"] == "bottleneck":
-        meta = files.read_json(Path("features") / pair / "meta.json")
+        meta = provenance.load(Path("features") / pair / "meta.json")
         provenance.check_same(record, meta, record["run_name"])
         ids, labels, x = features.load_split(Path("features") / pair, "test", train.feature_output(head_cfg["pooling"]))
         head = train.load_head(run_dir / "head.weights.h5", x.shape[1:], n_classes, head_cfg)
@@ -43,33 +47,35 @@ def run_dirs(params: dict) -> list[Path]:
 
 
 def main() -> None:
-    all_params = files.load_params()
+    all_params = load_for_stage("evaluate")
     params = all_params["evaluate"]
     manifest = data.load_manifest()
     classes = data.load_classes()
     by_id = manifest.set_index("id")
-    runs = []
-    for run_dir in run_dirs(all_params):
-        record = files.read_json(run_dir / "run.json")
+    runs, scored = [], []
+    for run_dir in run_dirs(all_params):  # check and score everything first: a refusal logs nothing
+        record = provenance.load(run_dir / "run.json")
         run = {"record": record, "metrics": None, "history": None}
         if record["status"] == "trained":
             ids, labels, logits = test_logits(record, run_dir, manifest, len(classes))
             if list(by_id.loc[ids, "class_index"]) != list(labels):
                 raise SystemExit(f"{record['run_name']}: test labels are not aligned with the manifest")
-            pred = logits.argmax(1)
-            groups = {c: by_id.loc[ids, c].to_numpy() for c in params["group_by"] if c in by_id}
-            run["metrics"] = metrics.compute(labels, pred, classes, groups, params["bootstrap"], params["seed"])
-            run["history"] = pd.read_csv(run_dir / "history.csv")
-            out = Path("results/eval") / record["run_name"]
-            out.mkdir(parents=True, exist_ok=True)
-            pd.DataFrame({"id": ids, "label": labels, "pred": pred,
-                          **{f"logit_{c}": logits[:, i] for i, c in enumerate(classes)}}).to_csv(
-                out / "predictions.csv", index=False)
-            files.write_json(out / "metrics.json", run["metrics"])
-            tracking.log_evaluation(record, run["metrics"], out)
-            print(f"{record['run_name']}: test accuracy {run['metrics']['accuracy']:.3f} "
-                  f"[{run['metrics']['accuracy_ci95'][0]:.3f}, {run['metrics']['accuracy_ci95'][1]:.3f}]")
+            scored.append((run, run_dir, ids, labels, logits))
         runs.append(run)
+    for run, run_dir, ids, labels, logits in scored:
+        record, pred = run["record"], logits.argmax(1)
+        groups = {c: by_id.loc[ids, c].to_numpy() for c in params["group_by"] if c in by_id}
+        run["metrics"] = metrics.compute(labels, pred, classes, groups, params["bootstrap"], params["seed"])
+        run["history"] = pd.read_csv(run_dir / "history.csv")
+        out = Path("results/eval") / record["run_name"]
+        out.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"id": ids, "label": labels, "pred": pred,
+                      **{f"logit_{c}": logits[:, i] for i, c in enumerate(classes)}}).to_csv(
+            out / "predictions.csv", index=False)
+        files.write_json(out / "metrics.json", run["metrics"])
+        tracking.log_evaluation(record, run["metrics"], out)
+        print(f"{record['run_name']}: test accuracy {run['metrics']['accuracy']:.3f} "
+              f"[{run['metrics']['accuracy_ci95'][0]:.3f}, {run['metrics']['accuracy_ci95'][1]:.3f}]")
     report.write(runs, Path("reports"))
     files.write_json(Path("reports/metrics.json"), {
         r["record"]["run_name"]: ({k: round(float(np.asarray(r["metrics"][k])), 4)
@@ -79,4 +85,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except provenance.ProvenanceMismatch as error:
+        raise SystemExit(f"evaluate: {error}") from None

@@ -10,10 +10,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transferlab import backbones, data, features, files, provenance, weights  # noqa: E402
+from transferlab.params import load_for_stage  # noqa: E402
 
 
 def main(name: str, variant: str) -> None:
-    params = files.load_params()
+    params = load_for_stage("extract_features")
     extract, finetune = params["extract"], params["finetune"]
     bb = backbones.get(name)
     meta = provenance.describe(name, variant, extract["input_size"].get(name))

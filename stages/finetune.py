@@ -16,8 +16,7 @@ import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 
 from transferlab import backbones, data, features, files, provenance, tracking, train, weights  # noqa: E402
-
-METHODS = ("frozen_end_to_end", "finetune_top")
+from transferlab.params import FINETUNE_METHODS, load_for_stage  # noqa: E402
 
 
 def parity(model, head_cfg: dict, n_classes: int, pair: str, val_images, pooling: str) -> dict:
@@ -32,13 +31,13 @@ def parity(model, head_cfg: dict, n_classes: int, pair: str, val_images, pooling
 
 
 def main(method: str, name: str) -> None:
-    if method not in METHODS:
-        raise SystemExit(f"finetune: method must be one of {METHODS}, got {method!r}")
-    params = files.load_params()
+    if method not in FINETUNE_METHODS:
+        raise SystemExit(f"finetune: method must be one of {FINETUNE_METHODS}, got {method!r}")
+    params = load_for_stage("finetune")
     ft, ablation, head_params = params["finetune"], params["ablation"], params["head"]
     cfg = params["train"] if method == "frozen_end_to_end" else ft
     seed, pair, bb = params["train"]["seed"], f"{name}-{ft['preprocessing']}", backbones.get(name)
-    meta = files.read_json(Path("features") / pair / "meta.json")
+    meta = provenance.load(Path("features") / pair / "meta.json")
     head_cfg = {**head_params, "dropout_position": ablation["dropout_position"] or head_params["dropout_position"]}
     batch_size = ablation["batch_size"] or cfg["batch_size"]
     input_size = ablation["input_size"] or meta["input_size"]
@@ -47,8 +46,8 @@ def main(method: str, name: str) -> None:
     record.update(run_name=f"{method}/{pair}", stage="finetune", method=method, status="trained",
                   params={"train" if method == "frozen_end_to_end" else "finetune": cfg, "head": head_cfg,
                           "ablation": ablation, "cut_boundary": boundary})
-    live_dir = Path("results") / method / pair
-    with files.atomic_dir(Path("runs") / method / pair) as out:
+    with files.atomic_dir(Path("runs") / method / pair) as out, \
+            files.atomic_dir(Path("results") / method / pair) as live_dir:
         if meta["status"] == "unavailable":
             tracking.skip_unavailable(out, live_dir, record)
             return
@@ -57,8 +56,6 @@ def main(method: str, name: str) -> None:
         splits = {s: manifest[manifest["split"] == s] for s in ("train", "val")}
         n_classes = len(data.load_classes())
         augment = ablation["augmentation"]
-        if augment not in features.AUGMENTATIONS:
-            raise SystemExit(f"ablation.augmentation must be one of {features.AUGMENTATIONS}, got {augment!r}")
         cached = method == "finetune_top" and augment == "none" and input_size == meta["input_size"]
 
         def images(split: str, shuffle: bool, augmented: bool):
@@ -101,4 +98,7 @@ def main(method: str, name: str) -> None:
 if __name__ == "__main__":
     if len(sys.argv) != 3:
         raise SystemExit(__doc__)
-    main(*sys.argv[1:])
+    try:
+        main(*sys.argv[1:])
+    except (provenance.ProvenanceMismatch, FloatingPointError) as error:
+        raise SystemExit(f"finetune: {error}") from None

@@ -8,6 +8,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transferlab import files, selftest  # noqa: E402
+from transferlab.params import load_for_stage  # noqa: E402
 
 WEIGHTS_ROOT = Path("models/weights")
 RESULTS = Path("results/selftest.json")
@@ -54,7 +55,7 @@ def markdown(results: list[dict]) -> str:
 
 
 def main() -> int:
-    params = files.load_params()
+    params = load_for_stage("selftest")
     results = [check(name) for name in params["extract"]["backbones"]]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     REPORT.parent.mkdir(parents=True, exist_ok=True)

@@ -10,16 +10,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from transferlab import data, files  # noqa: E402
+from transferlab import data  # noqa: E402
+from transferlab.params import load_for_stage  # noqa: E402
 
 SPLIT_DIR = Path("data/split")
 
 
 def main() -> None:
     start = time.perf_counter()
-    params = files.load_params("params.yaml")
+    params = load_for_stage("split")
     try:
-        split = data.make_split(params.get("data"))
+        split = data.make_split(params["data"])
     except data.DataError as error:
         sys.exit(f"split: {error}")
     data.write_split(split, SPLIT_DIR)

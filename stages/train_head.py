@@ -8,20 +8,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from transferlab import data, features, files, tracking, train  # noqa: E402
+from transferlab import data, features, files, provenance, tracking, train  # noqa: E402
+from transferlab.params import load_for_stage  # noqa: E402
 
 
 def main(name: str, variant: str) -> None:
-    params = files.load_params()
+    params = load_for_stage("train_head")
     cfg, head_cfg = params["train"], params["head"]
     pair = f"{name}-{variant}"
-    meta = files.read_json(Path("features") / pair / "meta.json")
+    meta = provenance.load(Path("features") / pair / "meta.json")
     record = {k: meta[k] for k in ("backbone", "input_size", "preprocessing", "preprocessing_fingerprint",
                                    "weights", "manifest_sha256")}
     record.update(run_name=f"train_head/{pair}", stage="train_head", method="bottleneck", status="trained",
                   params={"train": cfg, "head": head_cfg})
-    live_dir = Path("results/train_head") / pair
-    with files.atomic_dir(Path("runs/train_head") / pair) as out:
+    with files.atomic_dir(Path("runs/train_head") / pair) as out, \
+            files.atomic_dir(Path("results/train_head") / pair) as live_dir:
         if meta["status"] == "unavailable":
             tracking.skip_unavailable(out, live_dir, record)
             return
@@ -40,4 +41,7 @@ def main(name: str, variant: str) -> None:
 if __name__ == "__main__":
     if len(sys.argv) != 3:
         raise SystemExit(__doc__)
-    main(*sys.argv[1:])
+    try:
+        main(*sys.argv[1:])
+    except (provenance.ProvenanceMismatch, FloatingPointError) as error:
+        raise SystemExit(f"train_head: {error}") from None

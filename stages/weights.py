@@ -11,7 +11,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from transferlab import backbones, files, weights  # noqa: E402
+from transferlab import backbones, weights  # noqa: E402
+from transferlab.params import load_for_stage  # noqa: E402
 
 
 def summary(identity: dict) -> str:
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("backbone", choices=sorted(backbones.REGISTRY))
     args = parser.parse_args(argv)
-    params = files.load_params(ROOT / "params.yaml")["weights"]
+    params = load_for_stage("weights", ROOT / "params.yaml")["weights"]
     try:
         identity = weights.resolve(backbones.get(args.backbone), params, ROOT / "models" / "weights" / args.backbone)
     except weights.WeightsUnavailable as error:

@@ -359,9 +359,9 @@ def pipeline_alignment(features_dir: Path, manifest: pd.DataFrame) -> dict:
 
 
 def run_alignment(features_root: Path, seeds) -> list[dict]:
-    from transferlab import data, features, files
+    from transferlab import data, features, files, params as checked
 
-    params = files.load_params(ROOT / "params.yaml")
+    params = checked.load(ROOT / "params.yaml")
     manifest, classes = data.load_manifest(ROOT / "data/split"), data.load_classes(ROOT / "data/split")
     results = []
     for meta_path in sorted(features_root.glob("*-native/meta.json")):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from helpers import make_image_tree
 
-from transferlab import backbones, features, provenance
+from transferlab import backbones, features, files, provenance
 
 KERAS_BACKBONES = [b for b in backbones.REGISTRY.values() if b.keras_preprocess]
 
@@ -102,6 +102,7 @@ def test_features_stay_aligned_with_ids_and_labels(tmp_path, tiny_model, batch_s
     record = backbones.preprocessing_record(backbones.get("vgg16"), "native", 16)
     stats = features.extract_split(tiny_model, paths, labels, ids, record, batch_size, tmp_path / "out", "t")
     assert stats["n"] == 12 and stats["shapes"] == {"pooled": [5], "conv_map": [8, 8, 5], "cut": [8, 8, 4]}
+    files.write_json(tmp_path / "meta.json", {"splits": {"out": stats}})
     got_ids, got_labels, pooled = features.load_split(tmp_path, "out", "pooled")
     assert got_ids == ids and got_labels.tolist() == labels
     # each row equals that image run alone through the model

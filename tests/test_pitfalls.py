@@ -15,6 +15,8 @@ import pytest
 
 from helpers import ROOT
 
+from transferlab import features, files
+
 spec = importlib.util.spec_from_file_location("pitfalls_report", ROOT / "study" / "pitfalls_report.py")
 pr = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(pr)
@@ -224,13 +226,16 @@ def test_label_alignment_on_synthetic_features():
 
 
 def write_features(directory, manifest, order=None):
+    splits = {}
     for split, rows in manifest.groupby("split", sort=False):
         rows = rows if order is None else rows.iloc[order]
         d = directory / split
         d.mkdir(parents=True)
-        (d / "ids.txt").write_text("".join(f"{i}\n" for i in rows["id"]))
+        files.write_json(d / features.IDS, rows["id"].tolist())
         np.save(d / "labels.npy", rows["class_index"].to_numpy())
         np.save(d / "pooled.npy", np.zeros((len(rows), 4), "float32"))
+        splits[split] = {"sha256": features.array_hashes(d)}
+    files.write_json(directory / "meta.json", {"splits": splits})
 
 
 def test_pipeline_alignment_check_finds_misaligned_rows(tmp_path):

@@ -113,9 +113,7 @@ def test_linear_head_is_one_dense_layer_that_learns_a_linear_rule():
     cfg = {"seed": 0, "epochs": 30, "batch_size": 32, "optimizer": "adam", "learning_rate": 0.05, "momentum": 0.9}
     model, _, _ = train.train_head(x[:400], y[:400], x[400:500], y[400:500], 3, cfg, head)
     accuracy = (model(x[500:], training=False).numpy().argmax(1) == y[500:]).mean()
-    assert accuracy >= 0.9
-    with pytest.raises(ValueError, match="head.units"):
-        train.build_head((8,), 3, {**HEAD, "units": -1}, 0)
+    assert accuracy >= 0.9  # head.units < 0 is refused by transferlab.params (tests/test_params.py)
 
 
 def test_configure_base_unfreezes_exactly_above_the_boundary():
@@ -180,13 +178,16 @@ def test_interrupted_output_leaves_previous_result(tmp_path):
     assert not list(tmp_path.glob("runs/*.partial"))
 
 
-def test_unknown_settings_are_refused():
-    with pytest.raises(ValueError, match="optimizer must be one of"):
-        train.make_optimizer("rmsprop", 0.1)
-    with pytest.raises(ValueError, match="dropout_position must be one of"):
-        train.build_head((4,), 2, {**HEAD, "dropout_position": "middle"}, 0)
-    with pytest.raises(ValueError, match="pooling must be one of"):
-        train.feature_output("max")
+def test_non_finite_validation_loss_stops_the_run(toy):
+    """One batch per epoch: the training loss is computed before the step that blows the weights up,
+    so only the validation loss shows it (Keras would end the run with rc 0 and an empty val_loss)."""
+    _, y = toy
+    features = np.random.default_rng(0).normal(size=(48, 6)).astype("float32")
+    head = train.build_head((6,), 3, HEAD, 0)
+    train.compile_model(head, train.make_optimizer("adam", 1e30))
+    ds = train.feature_dataset(features, y, 64)
+    with pytest.raises(FloatingPointError, match=r"validation loss became (nan|inf) at epoch 1; nothing was saved"):
+        train.fit(head, ds, ds, 1)
 
 
 def test_mirrored_strategy_on_two_logical_cpus():

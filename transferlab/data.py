@@ -23,7 +23,18 @@ dropped silently. Rules for files that are not plainly images:
 - two files whose ids collide (``cat/a.png`` and ``cat/a.jpg``) are both flagged;
 - byte-identical files in one class are kept and always put in the same split; the same
   bytes under two classes is a labelling conflict and every copy is flagged;
-- a class with no usable images is flagged (and dropped under ``skip``).
+- a class with no usable images is flagged (and dropped under ``skip``);
+- a file or folder name that is not valid UTF-8 is flagged (shown with ``\\xNN`` escapes):
+  ids and the manifest are text, so such a name could not be written or read back;
+- a PNG chunk whose CRC does not match its bytes is flagged, even when Pillow decodes it
+  (Pillow does not check the pixel data's CRCs): damaged bytes are not trusted as pixels;
+- a symlinked folder that leads back to one of its own ancestors is one "symlink loop" entry.
+
+Handled and recorded instead of flagged: an animated image (GIF, APNG, WebP, multi-page
+TIFF) is used as its first frame, said in ``conversion`` ("first frame of N"); a 16-bit per
+channel colour image says it is reduced to 8 bits in ``conversion``; a file reached through a
+symlink that leads outside the data folder is used and says so in ``notes`` (the targets are
+listed in ``source.json``, which is machine-specific, so the manifest stays portable).
 
 With ``bad_files: error`` any of these stops the stage, naming every one; with ``skip``
 they are left out and listed. Fewer than two classes, or a class too small to appear in
@@ -37,6 +48,8 @@ import importlib.util
 import io
 import math
 import os
+import struct
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -50,8 +63,6 @@ from transferlab import files
 from transferlab.images import CONVERSIONS, open_rgb
 
 SPLITS = ("train", "val", "test")
-POLICIES = ("error", "skip")
-SOURCES = ("elpv", "folder")
 
 ELPV_PACKAGE = "elpv-dataset"
 ELPV_CLASSES = ("functional", "possibly_defective", "likely_defective", "defective")
@@ -66,12 +77,14 @@ ELPV_INFO = {
 # a complete PNG ends with this chunk; Pillow decodes a PNG whose tail is cut off
 # without complaint as long as the pixel data is complete, so it is checked by hand
 _PNG_END = b"IEND\xaeB`\x82"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+OUTSIDE_NOTE = "symlink to a file outside the data folder"
 
 MANIFEST_COLUMNS = [
     "id", "path", "class_name", "class_index", "split",
-    "sha256", "width", "height", "mode", "conversion",
+    "sha256", "width", "height", "mode", "conversion", "notes",
 ]
-_STRING_COLUMNS = ["id", "path", "class_name", "split", "sha256", "mode", "conversion"]
+_STRING_COLUMNS = ["id", "path", "class_name", "split", "sha256", "mode", "conversion", "notes"]
 
 
 class DataError(ValueError):
@@ -137,13 +150,12 @@ def load_classes(split_dir: str | os.PathLike = "data/split") -> list[str]:
     return list(files.read_json(Path(split_dir) / "classes.json")["classes"])
 
 
-def make_split(data_params: dict) -> Split:
-    """Scan the source in ``data_params`` (the ``data:`` section), check every file, split.
+def make_split(params: dict) -> Split:
+    """Scan the source in ``params`` (the ``data:`` section, checked by transferlab.params), check every file, split.
 
     Raises :class:`DataError` naming every problem found, instead of returning a partial
     result, whenever the policy or the data does not allow a clean split.
     """
-    params = _check_params(data_params)
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise DataError(
             "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process, so truncated images "
@@ -153,12 +165,17 @@ def make_split(data_params: dict) -> Split:
     bad = list(scan.bad)
     candidates = _drop_colliding_ids(scan.candidates, bad)
 
-    rows = []
+    rows, outside = [], {}
     for (path, class_name, metadata), info in zip(candidates, _inspect_all(scan.root, candidates)):
         if isinstance(info, str):
             bad.append((path, info))
-        else:
-            rows.append({"path": path, "class_name": class_name, **info, **metadata})
+            continue
+        target = os.path.realpath(scan.root / path)
+        inside = Path(target).is_relative_to(scan.root)
+        if not inside:
+            outside[path] = target
+        rows.append({"path": path, "class_name": class_name, **info, "notes": "" if inside else OUTSIDE_NOTE,
+                     **metadata})
     rows = _drop_label_conflicts(rows, bad)
 
     present = {row["class_name"] for row in rows}
@@ -182,6 +199,8 @@ def make_split(data_params: dict) -> Split:
     bad_files = pd.DataFrame(bad, columns=["path", "reason"])
     summary = _summary(manifest, classes, bad_files, stratify_by, params)
     source = {"source": params["source"], "root": str(scan.root), **scan.info}
+    if outside:
+        source["symlinks_outside_root"] = outside
     return Split(manifest, classes, bad_files, summary, source)
 
 
@@ -253,6 +272,8 @@ def inspect_image(path: str | os.PathLike) -> dict:
     try:
         with Image.open(io.BytesIO(data)) as image:
             mode, (width, height), kind = image.mode, image.size, image.format
+            frames = getattr(image, "n_frames", 1)
+            wide = any(";16" in str(tile.args) for tile in image.tile) and not mode.startswith("I")
     except UnidentifiedImageError:
         raise BadFile("not an image (Pillow cannot identify it)") from None
     except Exception as error:  # noqa: BLE001 - any header failure means the file is unusable
@@ -265,13 +286,38 @@ def inspect_image(path: str | os.PathLike) -> dict:
         open_rgb(io.BytesIO(data))
     except Exception as error:  # noqa: BLE001 - whatever stops a full decode makes it unusable
         raise BadFile(f"corrupt or truncated image ({type(error).__name__}: {error})") from None
+    if kind == "PNG":
+        _check_png_crcs(data)
     return {
         "sha256": hashlib.sha256(data).hexdigest(),
         "width": width,
         "height": height,
         "mode": mode,
-        "conversion": CONVERSIONS[mode],
+        "conversion": _conversion(mode, wide, frames),
     }
+
+
+def _conversion(mode: str, wide: bool, frames: int) -> str:
+    """What open_rgb does to this file, as recorded in the manifest."""
+    steps = [f"16-bit per channel {mode}->8-bit (>>8)"] if wide else []
+    steps += [CONVERSIONS[mode]] if CONVERSIONS[mode] != "none" else []
+    steps += [f"first frame of {frames} (animated)"] if frames > 1 else []
+    return "; ".join(steps) or "none"
+
+
+def _check_png_crcs(data: bytes) -> None:
+    """Every chunk's CRC, IDAT's included: Pillow skips those of the pixel data."""
+    offset = len(_PNG_SIGNATURE)
+    while offset + 12 <= len(data):
+        length, kind = struct.unpack(">I4s", data[offset:offset + 8])
+        body = data[offset + 4:offset + 8 + length]
+        (crc,) = struct.unpack(">I", data[offset + 8 + length:offset + 12 + length] or b"\0\0\0\0")
+        if zlib.crc32(body) != crc:
+            name = kind.decode("latin-1")
+            raise BadFile(f"corrupt PNG: chunk {name} at byte {offset} fails its CRC check (damaged bytes)")
+        if kind == b"IEND":
+            return
+        offset += 12 + length
 
 
 def elpv_root() -> Path:
@@ -283,50 +329,49 @@ def elpv_root() -> Path:
     return Path(spec.origin).resolve().parent / "data"
 
 
-# ---------------------------------------------------------------- params and sources
-
-
-def _check_params(data_params: dict) -> dict:
-    """The ``data:`` params, checked all at once; only ``folder`` and ``stratify_by`` may be left out."""
-    params = {"folder": None, "stratify_by": [], **(data_params or {})}
-    missing = [key for key in ("source", "bad_files", "test_fraction", "val_fraction", "seed") if key not in params]
-    if missing:
-        raise DataError(f"params.yaml data: section lacks {', '.join(missing)}")
-    problems = []
-    if params["source"] not in SOURCES:
-        problems.append(f"data.source must be one of {', '.join(SOURCES)}, got {params['source']!r}")
-    if params["source"] == "folder" and not params["folder"]:
-        problems.append("data.folder must name the image tree when data.source is folder")
-    if params["bad_files"] not in POLICIES:
-        problems.append(f"data.bad_files must be one of {', '.join(POLICIES)}, got {params['bad_files']!r}")
-    for name in ("test_fraction", "val_fraction"):
-        value = params[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-            problems.append(f"data.{name} must be a number in [0, 1), got {value!r}")
-    if isinstance(params["seed"], bool) or not isinstance(params["seed"], int):
-        problems.append(f"data.seed must be an integer, got {params['seed']!r}")
-    stratify_by = params["stratify_by"] or []
-    params["stratify_by"] = [stratify_by] if isinstance(stratify_by, str) else list(stratify_by)
-    if problems:
-        raise DataError("invalid data params in params.yaml:\n" + "\n".join(f"  {p}" for p in problems))
-    return params
+# ---------------------------------------------------------------- sources
 
 
 def _walk(root: Path, under: str = "") -> tuple[list[str], list[tuple[str, str]]]:
-    """Every file below root/under as a sorted POSIX path relative to root, and the hidden ones flagged."""
+    """Every file below root/under as a sorted POSIX path relative to root, and the hidden ones flagged.
+
+    Symlinks are followed, except a folder link that leads back to an ancestor (a loop).
+    """
     found, bad = [], []
     for directory, subdirs, names in os.walk(root / under, followlinks=True):
         rel = Path(directory).relative_to(root).as_posix()
         prefix = "" if rel == "." else rel + "/"
-        for name in [d for d in subdirs if d.startswith(".")]:
-            bad.append((f"{prefix}{name}/", "hidden folder (not read)"))
-            subdirs.remove(name)
+        here = os.path.realpath(directory)
+        for name in list(subdirs):
+            reason = _unusable_name(name, "folder")
+            if reason is None:
+                target = os.path.realpath(os.path.join(directory, name))
+                if here == target or here.startswith(target.rstrip(os.sep) + os.sep):
+                    reason = "symlink loop (the folder link leads back to an ancestor; not followed)"
+            if reason:
+                bad.append((printable(prefix + name) + "/", reason))
+                subdirs.remove(name)
         for name in names:
-            if name.startswith("."):
-                bad.append((prefix + name, "hidden file"))
+            reason = _unusable_name(name, "file")
+            if reason:
+                bad.append((printable(prefix + name), reason))
             else:
                 found.append(prefix + name)
     return sorted(found), bad
+
+
+def printable(path: str) -> str:
+    """A path as text that can be written anywhere: bytes that are not UTF-8 become \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _unusable_name(name: str, kind: str) -> str | None:
+    """Why a file or folder is not read (hidden, or a name that is not text), else None."""
+    if name != printable(name):
+        return f"{kind} name is not valid UTF-8 (not read; ids must be text)"
+    if name.startswith("."):
+        return f"hidden {kind} (not read)"
+    return None
 
 
 def _scan_folder(folder) -> _Scan:
@@ -335,7 +380,7 @@ def _scan_folder(folder) -> _Scan:
     if not root.is_dir():
         raise DataError(f"data.folder {folder!r} is not a directory (resolved to {root})")
     found, bad = _walk(root)
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and _unusable_name(e.name, "folder") is None)
     candidates = []
     for path in found:
         if "/" in path:

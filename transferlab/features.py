@@ -5,6 +5,9 @@ evaluation), so the pixels a model sees depend only on the preprocessing record.
 Extraction streams batches into memory-mapped ``.npy`` files: memory stays flat
 whatever the dataset's size, and rows stay aligned with ids and labels by
 construction (the pipeline is ordered; ids and labels are written from the manifest).
+Ids are stored as a JSON list, so any file name (spaces, Unicode, newlines) round-trips,
+and every array's sha256 goes into the features' ``meta.json``: :func:`load_split` refuses
+an array that changed after extraction.
 """
 from __future__ import annotations
 
@@ -16,11 +19,12 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from transferlab import backbones
+from transferlab import backbones, files
 from transferlab.images import open_rgb, resize
+from transferlab.provenance import ProvenanceMismatch
 
 SPLITS = ("train", "val", "test")
-AUGMENTATIONS = ("none", "train", "train_and_val")
+IDS = "ids.json"
 
 
 def _decode(path):
@@ -76,9 +80,9 @@ def extractor(base, cut_layer: str | None, conv_map: bool):
 
 
 def extract_split(model, paths, labels, ids, record: dict, batch_size: int, out_dir: Path, desc: str) -> dict:
-    """Write <out_dir>/{ids.txt, labels.npy, <output>.npy} for one split; returns counts and speed."""
+    """Write <out_dir>/{ids.json, labels.npy, <output>.npy} for one split; returns counts, hashes and speed."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "ids.txt").write_text("".join(f"{i}\n" for i in ids))
+    files.write_json(out_dir / IDS, [str(i) for i in ids])
     np.save(out_dir / "labels.npy", np.asarray(labels, np.int64))
     n = len(paths)
     arrays = {
@@ -97,14 +101,30 @@ def extract_split(model, paths, labels, ids, record: dict, batch_size: int, out_
     for array in arrays.values():
         array.flush()
     seconds = time.perf_counter() - start
+    del arrays  # close the memory maps before hashing the files
     return {"n": n, "seconds": round(seconds, 2), "images_per_second": round(n / max(seconds, 1e-9), 2),
-            "shapes": {k: list(v.shape[1:]) for k, v in arrays.items()}}
+            "shapes": {k: list(v.shape[1:]) for k, v in model.output.items()}, "sha256": array_hashes(out_dir)}
+
+
+def array_hashes(split_dir: Path) -> dict:
+    """sha256 of every file of one split (ids, labels, feature arrays), stored in meta.json."""
+    return {p.name: files.sha256_file(p) for p in sorted(Path(split_dir).iterdir()) if p.is_file()}
 
 
 def load_split(features_dir: Path, split: str, output: str = "pooled", mmap: bool = False):
-    """(ids, labels, features) for one split, aligned row for row."""
+    """(ids, labels, features) for one split, aligned row for row, after checking their recorded sha256."""
     d = Path(features_dir) / split
-    ids = d.joinpath("ids.txt").read_text().split()
+    meta_path = Path(features_dir) / "meta.json"
+    recorded = files.read_json(meta_path).get("splits", {}).get(split, {}).get("sha256", {})
+    for name in (IDS, "labels.npy", f"{output}.npy"):
+        if name not in recorded:
+            raise ProvenanceMismatch(f"{meta_path} records no sha256 for {split}/{name}; "
+                                     "re-run extract_features for these features")
+        got = files.sha256_file(d / name)
+        if got != recorded[name]:
+            raise ProvenanceMismatch(f"{d / name} changed after extraction: its sha256 is {got}, {meta_path} "
+                                     f"records {recorded[name]}; re-run extract_features for these features")
+    ids = files.read_json(d / IDS)
     labels = np.load(d / "labels.npy")
     x = np.load(d / f"{output}.npy", mmap_mode="r" if mmap else None)
     if not len(ids) == len(labels) == len(x):

@@ -1,4 +1,8 @@
-"""Small file helpers shared by the stages: params, hashes, and writes that never leave half a result."""
+"""Small file helpers shared by the stages: hashes, and writes that never leave half a result.
+
+Scratch names end in ``.partial`` (folders) and ``.tmp`` (files); .dvcignore keeps DVC from
+hashing them, so a killed stage's leftovers never change a directory dependency's hash.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -7,13 +11,6 @@ import json
 import os
 import shutil
 from pathlib import Path
-
-import yaml
-
-
-def load_params(path: str | os.PathLike = "params.yaml") -> dict:
-    with open(path) as f:
-        return yaml.safe_load(f)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -1,7 +1,9 @@
 """What produced a result: backbone, preprocessing, weights and data, as one comparable record.
 
 Features, trained runs and evaluations each carry this record; evaluation refuses to
-score a model on inputs whose record differs from the one it was trained with.
+score a model on inputs whose record differs from the one it was trained with. Every
+read goes through :func:`load`, which recomputes the fingerprint from the stored
+preprocessing record, so an edited record cannot pass under its old fingerprint.
 """
 from __future__ import annotations
 
@@ -14,7 +16,20 @@ CHECKED = ("backbone", "preprocessing_fingerprint", "input_size", "weights_array
 
 
 class ProvenanceMismatch(ValueError):
-    pass
+    """Inputs or records differ from what produced a result; the message names both sides."""
+
+
+def load(path) -> dict:
+    """A stored record (features' meta.json, a run's run.json), refused if its fingerprint does not match it."""
+    record = files.read_json(path)
+    stored, recomputed = record.get("preprocessing_fingerprint"), backbones.fingerprint(record.get("preprocessing"))
+    if stored != recomputed:
+        raise ProvenanceMismatch(
+            f"{path}: the stored preprocessing_fingerprint {stored!r} does not match the fingerprint "
+            f"{recomputed!r} of the preprocessing record stored beside it; the record was edited or damaged. "
+            "Re-run the stage that wrote it."
+        )
+    return record
 
 
 def describe(backbone: str, variant: str, input_size: int | None, weights_root="models/weights",

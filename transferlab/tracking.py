@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -78,13 +79,51 @@ def run(record: dict, params: dict):
     mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_experiment(EXPERIMENT)
     mlflow.keras.autolog(log_models=False, log_datasets=False, silent=True)
-    with mlflow.start_run(run_name=record["run_name"], tags=identity_tags(record)) as active:
+    mark_killed_runs(record["run_name"])
+    owner = {"transferlab.host": socket.gethostname(), "transferlab.pid": str(os.getpid())}
+    with mlflow.start_run(run_name=record["run_name"], tags={**identity_tags(record), **owner}) as active:
         mlflow.log_params(flatten(params))
         yield active
 
 
+def mark_killed_runs(run_name: str) -> list[str]:
+    """Runs of this stage left RUNNING by a process of this machine that is gone (a killed stage) become KILLED.
+
+    A run of another machine, or of a live process (a parallel experiment), is left alone.
+    """
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return []
+    quoted = run_name.replace("'", "\\'")
+    stale = client.search_runs([experiment.experiment_id],
+                               f"attributes.run_name = '{quoted}' and attributes.status = 'RUNNING' "
+                               f"and tags.`transferlab.host` = '{socket.gethostname()}'")
+    killed = []
+    for found in stale:
+        pid = int(found.data.tags.get("transferlab.pid", "0"))
+        if pid and not _alive(pid):
+            client.set_terminated(found.info.run_id, "KILLED")
+            killed.append(found.info.run_id)
+            print(f"{run_name}: marked the MLflow run {found.info.run_id} of a killed earlier attempt KILLED")
+    return killed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
 def live_callback(directory: Path):
-    """DVCLive's Keras callback writing metrics.json and per-epoch plots; dvc.yaml declares them."""
+    """DVCLive's Keras callback writing metrics.json and per-epoch plots; dvc.yaml declares them.
+
+    ``directory`` is a scratch directory (files.atomic_dir): the files appear only when the stage finishes.
+    """
     from dvclive import Live
     from dvclive.keras import DVCLiveCallback
 

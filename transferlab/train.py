@@ -14,10 +14,6 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-OPTIMIZERS = ("adam", "sgd")
-POOLINGS = ("avg", "flatten")
-DROPOUT_POSITIONS = ("after_dense", "before_dense")
-
 
 def seed_everything(seed: int) -> None:
     """Same seed, same numbers: Python, NumPy and TF seeds plus TF's deterministic kernels."""
@@ -34,9 +30,7 @@ def strategy(devices: list[str] | None = None) -> tf.distribute.Strategy:
 
 
 def feature_output(pooling: str) -> str:
-    """Which stored feature array a head with this pooling reads."""
-    if pooling not in POOLINGS:
-        raise ValueError(f"head.pooling must be one of {POOLINGS}, got {pooling!r}")
+    """Which stored feature array a head with this pooling (checked by transferlab.params) reads."""
     return "pooled" if pooling == "avg" else "conv_map"
 
 
@@ -44,11 +38,8 @@ def build_head(input_shape, n_classes: int, head: dict, seed: int) -> keras.Mode
     """Dense(units, relu) + Dropout -> Dense(classes) logits; Dropout in front of the Dense is the ablation.
 
     ``units: 0`` is a linear classifier on the features (the linear probe); Dropout then acts on the features.
+    The ``head`` values are checked by transferlab.params.
     """
-    if head["dropout_position"] not in DROPOUT_POSITIONS:
-        raise ValueError(f"head.dropout_position must be one of {DROPOUT_POSITIONS}, got {head['dropout_position']!r}")
-    if not (isinstance(head["units"], int) and head["units"] >= 0):
-        raise ValueError(f"head.units must be an integer >= 0 (0: linear classifier), got {head['units']!r}")
     inputs = keras.Input(tuple(input_shape), name="features")
     x = keras.layers.Flatten(name="head_flatten")(inputs) if len(input_shape) > 1 else inputs
     dropout = keras.layers.Dropout(head["dropout"], seed=seed, name="head_dropout")
@@ -118,11 +109,9 @@ def top_model(base: keras.Model, boundary: str, head: keras.Model, pooling: str)
 
 
 def make_optimizer(name: str, learning_rate: float, momentum: float = 0.0):
-    if name == "adam":
-        return keras.optimizers.Adam(learning_rate)
-    if name == "sgd":
-        return keras.optimizers.SGD(learning_rate, momentum=momentum)
-    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+    """``name`` is one of transferlab.params.OPTIMIZERS (checked there)."""
+    return {"adam": lambda: keras.optimizers.Adam(learning_rate),
+            "sgd": lambda: keras.optimizers.SGD(learning_rate, momentum=momentum)}[name]()
 
 
 def compile_model(model: keras.Model, optimizer) -> None:
@@ -137,10 +126,17 @@ class StopOnNonFinite(keras.callbacks.Callback):
         self.epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
-        loss = float((logs or {}).get("loss", 0.0))
-        if not np.isfinite(loss):
+        self._check("training loss", (logs or {}).get("loss", 0.0), f", batch {batch + 1}")
+
+    def on_epoch_end(self, epoch, logs=None):
+        # the last step can blow the weights up after the last training loss was computed
+        self._check("validation loss", (logs or {}).get("val_loss", 0.0), "")
+
+    def _check(self, what: str, value, where: str) -> None:
+        value = float(value)
+        if not np.isfinite(value):
             raise FloatingPointError(
-                f"training loss became {loss} at epoch {self.epoch + 1}, batch {batch + 1}; "
+                f"{what} became {value} at epoch {self.epoch + 1}{where}; "
                 "nothing was saved. Lower the learning rate or check the inputs' preprocessing."
             )
 

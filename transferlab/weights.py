@@ -113,13 +113,12 @@ def array_checksum(model) -> str:
 
 
 def resolve(backbone: Backbone, weights_params: dict, out_dir: Path) -> dict:
-    """Write ``notop.weights.h5`` (+ ``top.weights.h5`` when available) and ``identity.json``; return the identity."""
+    """Write ``notop.weights.h5`` (+ ``top.weights.h5`` when available) and ``identity.json``; return the identity.
+
+    ``weights_params`` is the ``weights:`` section, whose values transferlab.params checks.
+    """
     init = weights_params.get("init", "imagenet")
-    if init not in ("imagenet", "none"):
-        raise ValueError(f"weights.init must be 'imagenet' or 'none', got {init!r}")
     missing = weights_params.get("missing", "report")
-    if missing not in ("report", "error"):
-        raise ValueError(f"weights.missing must be 'report' or 'error', got {missing!r}")
     with files.atomic_dir(out_dir) as tmp:
         identity = _random(backbone, tmp) if init == "none" else _pretrained(backbone, weights_params, tmp)
         if identity["status"] == "unavailable" and missing == "error":

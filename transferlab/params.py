@@ -1,0 +1,302 @@
+"""params.yaml, read once and checked against one schema before a stage does anything.
+
+Every stage starts with :func:`load_for_stage`: a bad value anywhere in the file stops it
+with one message listing every bad key and value, instead of a traceback deep in Keras
+or a ``KeyError`` after training. Values are also normalised: YAML 1.1 reads ``1e-3``
+as a string, which is accepted here as the number it means.
+
+To add a section, add one entry to :data:`SCHEMA` (key -> check); checks that relate
+keys to each other go in :data:`RELATIONS`.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable
+
+import yaml
+
+from transferlab import backbones
+
+Check = Callable[[Any], Any]  # returns the (normalised) value or raises Invalid("must be ..., got ...")
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing or holds bad values; the message lists every one."""
+
+
+class Invalid(ValueError):
+    """Why a value is refused; ``problems`` holds (sub-key, message) pairs, e.g. (".vgg16", "must be ...")."""
+
+    def __init__(self, message: str, at: str = "", problems: list[tuple[str, str]] | None = None):
+        super().__init__(message)
+        self.problems = problems or [(at, message)]
+
+
+def _got(value) -> str:
+    return f"got {value!r}"
+
+
+def integer(minimum: int | None = None) -> Check:
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+            raise Invalid(f"must be an integer{f' >= {minimum}' if minimum is not None else ''}, {_got(value)}")
+        return value
+    return check
+
+
+def number(low: float | None = None, high: float | None = None, low_open: bool = False,
+           high_open: bool = True) -> Check:
+    """A finite number in the given interval; a numeric string (YAML 1.1's ``1e-3``) becomes a float."""
+    lo = "(" if low_open else "["
+    hi = ")" if high_open else "]"
+    span = f" in {lo}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}{hi}"
+    words = "a number" + (span if low is not None or high is not None else "")
+
+    def check(value):
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise Invalid(f"must be {words}, {_got(value)}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise Invalid(f"must be {words}, {_got(value)}")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            raise Invalid(f"must be {words}, {_got(value)}")
+        return value
+    return check
+
+
+def choice(*options) -> Check:
+    def check(value):
+        if value not in options:
+            raise Invalid(f"must be one of {', '.join(map(str, options))}, {_got(value)}")
+        return value
+    return check
+
+
+def boolean(value):
+    if not isinstance(value, bool):
+        raise Invalid(f"must be true or false, {_got(value)}")
+    return value
+
+
+def text(value):
+    if not isinstance(value, str) or not value:
+        raise Invalid(f"must be a non-empty string, {_got(value)}")
+    return value
+
+
+def optional(inner: Check) -> Check:
+    """null, or what ``inner`` accepts."""
+    def check(value):
+        if value is None:
+            return None
+        try:
+            return inner(value)
+        except Invalid as error:
+            raise Invalid(f"{error} (or null)") from None
+    return check
+
+
+def list_of(inner: Check, unique: bool = True, allow_str: bool = False) -> Check:
+    """A list whose items ``inner`` accepts; ``allow_str`` takes a lone string as a one-item list."""
+    def check(value):
+        if allow_str and isinstance(value, str):
+            value = [value]
+        if value is None and allow_str:
+            value = []
+        if not isinstance(value, list):
+            raise Invalid(f"must be a list, {_got(value)}")
+        items = [inner(item) for item in value]
+        if unique and len(set(map(repr, items))) != len(items):
+            raise Invalid(f"must not repeat an item, {_got(value)}")
+        return items
+    return check
+
+
+def mapping(key: Check, value: Check | Callable[[Any, Any], Any], keyed: bool = False) -> Check:
+    """A dict (null: empty) whose keys and values the checks accept; ``keyed``: value(key, value)."""
+    def check(found):
+        if found is None:
+            return {}
+        if not isinstance(found, dict):
+            raise Invalid(f"must be a mapping, {_got(found)}")
+        out, problems = {}, []
+        for k, v in found.items():
+            try:
+                out[key(k)] = value(k, v) if keyed else value(v)
+            except Invalid as error:
+                problems += [(f".{k}{at}", message) for at, message in error.problems]
+        if problems:
+            raise Invalid(problems[0][1], problems=problems)
+        return out
+    return check
+
+
+def cut_point(name: str, value):
+    """A fine-tuning cut point that the backbone's registry record defines."""
+    return choice(*backbones.REGISTRY[name].cut_points)(value)
+
+
+backbone = choice(*sorted(backbones.REGISTRY))
+variant = choice(*backbones.VARIANTS)
+OPTIMIZERS = ("adam", "sgd")
+POOLINGS = ("avg", "flatten")
+DROPOUT_POSITIONS = ("after_dense", "before_dense")
+AUGMENTATIONS = ("none", "train", "train_and_val")
+FINETUNE_METHODS = ("frozen_end_to_end", "finetune_top")
+
+# section -> key -> check. A key is required unless listed in OPTIONAL (value: its default).
+SCHEMA: dict[str, dict[str, Check]] = {
+    "data": {
+        "source": choice("elpv", "folder"),
+        "folder": optional(text),
+        "bad_files": choice("error", "skip"),
+        # both > 0: training stops on its validation loss, evaluation scores the test split
+        "test_fraction": number(0, 1, low_open=True),
+        "val_fraction": number(0, 1, low_open=True),
+        "stratify_by": list_of(text, allow_str=True),
+        "seed": integer(),
+    },
+    "weights": {
+        "init": choice("imagenet", "none"),
+        "paths": mapping(backbone, text),
+        "missing": choice("report", "error"),
+        "download_top": boolean,
+    },
+    "extract": {
+        "backbones": list_of(backbone),
+        "preprocessing": list_of(variant),
+        "input_size": mapping(backbone, optional(integer(32))),
+        "batch_size": integer(1),
+        "conv_map": boolean,
+    },
+    "train": {
+        "seed": integer(),
+        "epochs": integer(1),
+        "batch_size": integer(1),
+        "optimizer": choice(*OPTIMIZERS),
+        "learning_rate": number(0, low_open=True),
+        "momentum": number(0, 1),
+    },
+    "head": {
+        "pooling": choice(*POOLINGS),
+        "units": integer(0),
+        "dropout": number(0, 1),
+        "dropout_position": choice(*DROPOUT_POSITIONS),
+    },
+    "finetune": {
+        "backbones": list_of(backbone),
+        "preprocessing": variant,
+        "methods": list_of(choice(*FINETUNE_METHODS)),
+        "cut_point": mapping(backbone, cut_point, keyed=True),
+        "epochs": integer(1),
+        "batch_size": integer(1),
+        "optimizer": choice(*OPTIMIZERS),
+        "learning_rate": number(0, low_open=True),
+        "momentum": number(0, 1),
+        "head_init": choice("trained", "random"),
+    },
+    "ablation": {
+        "bn_training": boolean,
+        "dropout_position": optional(choice(*DROPOUT_POSITIONS)),
+        "augmentation": choice(*AUGMENTATIONS),
+        "input_size": optional(integer(32)),
+        "batch_size": optional(integer(1)),
+    },
+    "evaluate": {
+        "bootstrap": integer(1),
+        "seed": integer(),
+        "group_by": list_of(text, allow_str=True),
+    },
+}
+OPTIONAL = {("data", "folder"): None, ("data", "stratify_by"): [], ("evaluate", "group_by"): []}
+
+
+def _relations(p: dict) -> list[str]:
+    """Checks across keys, run on sections that passed their own checks."""
+    problems = []
+    if "data" in p and p["data"]["source"] == "folder" and not p["data"]["folder"]:
+        problems.append("data.folder: must name the image tree when data.source is folder, got None")
+    if "finetune" in p:
+        ft = p["finetune"]
+        if "finetune_top" in ft["methods"]:
+            for name in ft["backbones"]:
+                if name not in ft["cut_point"]:
+                    problems.append(f"finetune.cut_point.{name}: missing; finetune_top needs a cut point "
+                                    f"for every one of finetune.backbones")
+        if "extract" in p and ft["methods"]:  # fine-tuning reads that pair's features
+            ex = p["extract"]
+            for name in ft["backbones"]:
+                if name not in ex["backbones"]:
+                    problems.append(f"finetune.backbones: {name!r} is not in extract.backbones "
+                                    f"{ex['backbones']} (fine-tuning starts from its features)")
+            if ft["preprocessing"] not in ex["preprocessing"]:
+                problems.append(f"finetune.preprocessing: {ft['preprocessing']!r} is not in "
+                                f"extract.preprocessing {ex['preprocessing']}")
+    return problems
+
+
+RELATIONS: list[Callable[[dict], list[str]]] = [_relations]
+
+
+def validate(raw) -> dict:
+    """The checked, normalised params; raises :class:`ParamsError` listing every problem."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"params.yaml must be a mapping of sections, got {type(raw).__name__}")
+    checked, problems = dict(raw), []
+    for section, schema in SCHEMA.items():
+        given = raw.get(section)
+        if not isinstance(given, dict):
+            problems.append(f"{section}: missing section" if given is None
+                            else f"{section}: must be a mapping, got {given!r}")
+            continue
+        values, ok = {}, True
+        for key in sorted(set(given) - set(schema)):
+            problems.append(f"{section}.{key}: unknown key (known: {', '.join(schema)})")
+            ok = False
+        for key, check in schema.items():
+            if key not in given:
+                if (section, key) in OPTIONAL:
+                    values[key] = OPTIONAL[section, key]
+                    continue
+                problems.append(f"{section}.{key}: missing")
+                ok = False
+                continue
+            try:
+                values[key] = check(given[key])
+            except Invalid as error:
+                problems += [f"{section}.{key}{at}: {message}" for at, message in error.problems]
+                ok = False
+        if ok:
+            checked[section] = values
+        else:
+            checked.pop(section, None)
+    for relation in RELATIONS:
+        problems += relation(checked)
+    if problems:
+        raise ParamsError(f"{len(problems)} bad value(s) in params.yaml:\n" + "\n".join(f"  {p}" for p in problems))
+    return checked
+
+
+def load(path: str | os.PathLike = "params.yaml") -> dict:
+    """Read and validate the whole file (every section any stage uses)."""
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except OSError as error:
+        raise ParamsError(f"cannot read {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{path} is not valid YAML: {error}") from None
+    return validate(raw)
+
+
+def load_for_stage(stage: str, path: str | os.PathLike = "params.yaml") -> dict:
+    """:func:`load`, or exit with the message (status 1, no traceback): what every stage starts with."""
+    try:
+        return load(path)
+    except ParamsError as error:
+        raise SystemExit(f"{stage}: {error}") from None
