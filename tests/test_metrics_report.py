@@ -223,7 +223,7 @@ def test_write_outputs(tmp_path):
     head_row = next(r for r in table_rows if r.startswith("| `bottleneck/vgg16-native`"))
     assert head_row.endswith(" | [MLflow](http://127.0.0.1:5000/#/experiments/1/runs/mlflow1), "
                              "[learning curves](plots/curves_bottleneck_vgg16-native.png), "
-                             "[confusion](plots/confusion_bottleneck_vgg16-native.png) |")
+                             "[confusion matrix](plots/confusion_bottleneck_vgg16-native.png) |")
 
     parity = md.split("## Parity", 1)[1].split("## Audit", 1)[0]
     assert "| `finetune_top/vgg16-native` | 7.60e-06 | +0.0000 |" in parity

@@ -91,9 +91,9 @@ def test_evaluation_adds_metrics_and_figures_without_moving_the_end_time(store):
         assert logged["test_precision/functional"] == pytest.approx(m["per_class"]["functional"]["precision"])
         assert logged["test_group_accuracy/cell_type/mono"] == pytest.approx(m["group_accuracy"]["cell_type"]["mono"]["accuracy"])
         assert client.get_metric_history(run["mlflow_run_id"], "test_accuracy")[0].timestamp >= store["evaluated_at"]
-        artifacts = {a.path for a in client.list_artifacts(run["mlflow_run_id"], "evaluation")}
-        safe = run["record"]["run_name"].replace("/", "_")
-        assert artifacts == {"evaluation/metrics.json", f"evaluation/confusion_{safe}.png", f"evaluation/curves_{safe}.png"}
+        artifacts = {a.path for a in client.list_artifacts(run["mlflow_run_id"])}
+        assert {"confusion_matrix.png", "learning_curves.png", "evaluation", "run.json", "history.csv"} <= artifacts
+        assert {a.path for a in client.list_artifacts(run["mlflow_run_id"], "evaluation")} == {"evaluation/metrics.json"}
 
 
 def test_one_group_run_holds_the_runs_and_the_report(store):
@@ -107,8 +107,9 @@ def test_one_group_run_holds_the_runs_and_the_report(store):
     assert {"results.md", "results.csv", "plots"} <= artifacts
     assert "plots/comparison.png" in {a.path for a in client.list_artifacts(group.info.run_id, "plots")}
     md = (store["root"] / "reports/results.md").read_text()
-    assert f"[this run group](http://127.0.0.1:5000/#/experiments/{experiment}/runs/{group.info.run_id})" in md
-    assert f"/#/experiments/{experiment}/runs?workflowType=machine_learning" in md
+    ui = f"http://127.0.0.1:5000/#/experiments/{experiment}/runs"
+    assert f"[this run group]({ui}/{group.info.run_id}?workflowType=machine_learning)" in md
+    assert f"[all training runs]({ui}?workflowType=machine_learning&orderByKey=" in md
     for run in store["runs"]:
         row = next(line for line in md.splitlines() if line.startswith(f"| `{run['record']['run_name']}`"))
-        assert f"[MLflow](http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run['mlflow_run_id']})" in row
+        assert f"[MLflow]({ui}/{run['mlflow_run_id']}?workflowType=machine_learning)" in row

@@ -118,7 +118,7 @@ def write(runs: list[dict], out_dir, mlflow_urls: dict | None = None) -> list[Pa
         if run.get("history") is not None:
             run["plots"]["learning_curves"] = _save(_learning_curves([run]), plots / f"curves_{name}.png")
         if run.get("metrics"):
-            run["plots"]["confusion"] = _save(_confusion(run), plots / f"confusion_{name}.png")
+            run["plots"]["confusion_matrix"] = _save(_confusion(run), plots / f"confusion_{name}.png")
         written += run["plots"].values()
 
     csv, md, accuracy_csv = out_dir / "results.csv", out_dir / "results.md", plots / "accuracy.csv"

@@ -16,7 +16,9 @@ import contextlib
 import hashlib
 import os
 import re
+import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,13 +47,18 @@ def ui_url() -> str:
     return uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI_URL
 
 
+# MLflow 3 opens an experiment in its GenAI mode, which shows no training runs: the UI's
+# "Model training" mode is this query. Sorted by creation time (the default) the runs nest under
+# their group's run; sorted by name they are listed flat, which is where the runs view starts.
+ML_MODE = "workflowType=machine_learning"
+
+
 def run_url(experiment_id: str, run_id: str) -> str:
-    return f"{ui_url()}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{ui_url()}/#/experiments/{experiment_id}/runs/{run_id}?{ML_MODE}"
 
 
 def runs_view_url(experiment_id: str) -> str:
-    """MLflow 3 opens an experiment on its GenAI overview; the training runs are here."""
-    return f"{ui_url()}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    return f"{ui_url()}/#/experiments/{experiment_id}/runs?{ML_MODE}&orderByKey=tags.%60mlflow.runName%60&orderByAsc=true"
 
 
 def git_commit() -> str:
@@ -250,8 +257,10 @@ def log_evaluation(runs: list[dict], reports_dir: Path, eval_dir: Path) -> None:
         run_id = run_["mlflow_run_id"]
         client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in evaluation_metrics(run_["metrics"]).items()])
         client.log_artifacts(run_id, str(eval_dir / run_["record"]["run_name"]), "evaluation")
-        for path in run_.get("plots", {}).values():
-            client.log_artifact(run_id, str(path), "evaluation")
+        with tempfile.TemporaryDirectory() as figures:  # at the top of the run's artifacts, one click away
+            for kind, path in run_.get("plots", {}).items():
+                shutil.copy(path, Path(figures) / f"{kind}.png")
+            client.log_artifacts(run_id, figures)
     parent = group_run(client, experiment_id)
     for name in ("results.md", "results.csv"):
         client.log_artifact(parent, str(reports_dir / name))
