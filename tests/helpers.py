@@ -95,7 +95,8 @@ def make_tracking_store(root, epochs: int = 2) -> dict:
         record = {"backbone": backbone, "input_size": 32, "preprocessing": pre,
                   "preprocessing_fingerprint": backbones.fingerprint(pre), "weights": weights,
                   "manifest_sha256": "d" * 64, "run_name": f"train_head/{backbone}-{variant}", "stage": "train_head",
-                  "method": "bottleneck", "status": "trained", "params": {"train": params["train"], "head": params["head"]}}
+                  "method": "bottleneck", "status": "trained",
+                  "params": {"train": params["train"], "head": params["head"]}}
         out, live = root / "runs" / record["run_name"], root / "results" / record["run_name"]
         out.mkdir(parents=True)
         run = {"record": record, "metrics": None, "history": None}

@@ -56,8 +56,9 @@ def test_identity_and_resolved_sections_are_params(store):
 def test_finetune_sections_resolve_to_the_backbone():
     record = {"backbone": "vgg16", "method": "finetune_top", "preprocessing": {"variant": "native"}, "input_size": 128,
               "weights": {"label": "ImageNet"},
-              "params": {"finetune": {"backbones": ["vgg16"], "cut_point": {"vgg16": "block5_conv1", "resnet50": "conv5"},
-                                      "epochs": 4}, "ablation": {"bn_training": True}, "cut_boundary": "block4_pool"}}
+              "params": {"finetune": {"backbones": ["vgg16"], "epochs": 4,
+                                      "cut_point": {"vgg16": "block5_conv1", "resnet50": "conv5"}},
+                         "ablation": {"bn_training": True}, "cut_boundary": "block4_pool"}}
     params = tracking.run_params(record, {"extract": {"backbones": ["vgg16"], "input_size": {"vgg16": 128},
                                                       "batch_size": 32}})
     assert params == {"backbone": "vgg16", "method": "finetune_top", "preprocessing": "native", "input_size": 128,
@@ -73,8 +74,8 @@ def test_unavailable_backbone_has_a_finished_run_that_says_why(store):
     assert run.data.params["weights"] == run.data.tags["weights"] == "weights unavailable"
     assert "put resnet50_notop.h5 in ~/.keras/models/" in run.data.tags["mlflow.note.content"]
     # the README's VGG16 vs ResNet50 filter (MLflow's search has neither OR nor IN for params)
-    found = client.search_runs([experiment], "params.method = 'bottleneck' and params.preprocessing = 'native' "
-                                             "and params.backbone != 'efficientnet_lite0'")
+    found = client.search_runs([experiment], "params.method = 'bottleneck' and params.preprocessing = 'native' and "
+                                             "params.backbone != 'efficientnet_lite0'")
     assert sorted(r.info.run_name for r in found) == ["train_head/resnet50-native", "train_head/vgg16-native"]
 
 
@@ -87,13 +88,15 @@ def test_evaluation_adds_metrics_and_figures_without_moving_the_end_time(store):
         m = run["metrics"]
         logged = client.get_run(run["mlflow_run_id"]).data.metrics
         assert logged["test_accuracy"] == pytest.approx(m["accuracy"])
-        assert logged["test_recall/possibly defective"] == pytest.approx(m["per_class"]["possibly defective"]["recall"])
-        assert logged["test_precision/functional"] == pytest.approx(m["per_class"]["functional"]["precision"])
-        assert logged["test_group_accuracy/cell_type/mono"] == pytest.approx(m["group_accuracy"]["cell_type"]["mono"]["accuracy"])
+        per_class, mono = m["per_class"], m["group_accuracy"]["cell_type"]["mono"]
+        assert logged["test_recall/possibly defective"] == pytest.approx(per_class["possibly defective"]["recall"])
+        assert logged["test_precision/functional"] == pytest.approx(per_class["functional"]["precision"])
+        assert logged["test_group_accuracy/cell_type/mono"] == pytest.approx(mono["accuracy"])
         assert client.get_metric_history(run["mlflow_run_id"], "test_accuracy")[0].timestamp >= store["evaluated_at"]
         artifacts = {a.path for a in client.list_artifacts(run["mlflow_run_id"])}
         assert {"confusion_matrix.png", "learning_curves.png", "evaluation", "run.json", "history.csv"} <= artifacts
-        assert {a.path for a in client.list_artifacts(run["mlflow_run_id"], "evaluation")} == {"evaluation/metrics.json"}
+        evaluation = {a.path for a in client.list_artifacts(run["mlflow_run_id"], "evaluation")}
+        assert evaluation == {"evaluation/metrics.json"}
 
 
 def test_one_group_run_holds_the_runs_and_the_report(store):

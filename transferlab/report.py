@@ -3,8 +3,8 @@
 A run is a dict with ``record`` (the ``run.json`` written by training), ``metrics`` (from
 :func:`transferlab.metrics.compute`, or None) and ``history`` (per-epoch DataFrame with
 epoch, loss, accuracy, val_loss, val_accuracy, or None), and once tracked ``mlflow_url``, the
-run's page in the MLflow UI; :func:`write` adds ``plots``, the run's own figures. Runs whose weights could not be
-obtained stay in every output as "weights unavailable", so a missing backbone is visible
+run's page in the MLflow UI; :func:`write` adds ``plots``, the run's own figures. Runs whose
+weights could not be obtained stay in every output as "weights unavailable", so a missing backbone is visible
 instead of quietly absent; randomly initialised runs say "not pretrained" everywhere, so
 they are never read as transfer-learning results.
 """

@@ -58,7 +58,8 @@ def run_url(experiment_id: str, run_id: str) -> str:
 
 
 def runs_view_url(experiment_id: str) -> str:
-    return f"{ui_url()}/#/experiments/{experiment_id}/runs?{ML_MODE}&orderByKey=tags.%60mlflow.runName%60&orderByAsc=true"
+    sort = "orderByKey=tags.%60mlflow.runName%60&orderByAsc=true"
+    return f"{ui_url()}/#/experiments/{experiment_id}/runs?{ML_MODE}&{sort}"
 
 
 def git_commit() -> str:
@@ -255,7 +256,8 @@ def log_evaluation(runs: list[dict], reports_dir: Path, eval_dir: Path) -> None:
         if not run_["metrics"]:
             continue
         run_id = run_["mlflow_run_id"]
-        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in evaluation_metrics(run_["metrics"]).items()])
+        metrics = evaluation_metrics(run_["metrics"])
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
         client.log_artifacts(run_id, str(eval_dir / run_["record"]["run_name"]), "evaluation")
         with tempfile.TemporaryDirectory() as figures:  # at the top of the run's artifacts, one click away
             for kind, path in run_.get("plots", {}).items():
