@@ -3,8 +3,9 @@
 Each run is scored with exactly the preprocessing, input size, weights and manifest it was
 trained with; a mismatch is refused, naming both records. Every run's inputs are checked
 and scored before anything is written or logged, so a refusal leaves no partial evaluation.
-Test metrics go into the MLflow run that trained the model, into results/eval/ and into
-reports/ (tables, audit, plots).
+Test metrics go into results/eval/, reports/ (tables, audit, plots) and the MLflow run that
+trained the model, with its figures; the reports also go into the MLflow run of this
+`dvc repro`'s group.
 """
 import sys
 from pathlib import Path
@@ -73,15 +74,17 @@ def main() -> None:
                       **{f"logit_{c}": logits[:, i] for i, c in enumerate(classes)}}).to_csv(
             out / "predictions.csv", index=False)
         files.write_json(out / "metrics.json", run["metrics"])
-        tracking.log_evaluation(record, run["metrics"], out)
         print(f"{record['run_name']}: test accuracy {run['metrics']['accuracy']:.3f} "
               f"[{run['metrics']['accuracy_ci95'][0]:.3f}, {run['metrics']['accuracy_ci95'][1]:.3f}]")
-    report.write(runs, Path("reports"))
+    urls = tracking.link_runs(runs)
+    report.write(runs, Path("reports"), urls)
+    tracking.log_evaluation(runs, Path("reports"), Path("results/eval"))
     files.write_json(Path("reports/metrics.json"), {
         r["record"]["run_name"]: ({k: round(float(np.asarray(r["metrics"][k])), 4)
                                    for k in ("accuracy", "balanced_accuracy", "macro_f1", "majority_class_accuracy")}
                                   if r["metrics"] else {"weights_unavailable": 1})
         for r in runs})
+    print(f"MLflow (`mlflow ui`): this run group {urls['group']}\n  all training runs {urls['runs']}")
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def main(method: str, name: str) -> None:
     with files.atomic_dir(Path("runs") / method / pair) as out, \
             files.atomic_dir(Path("results") / method / pair) as live_dir:
         if meta["status"] == "unavailable":
-            tracking.skip_unavailable(out, live_dir, record)
+            tracking.skip_unavailable(out, live_dir, record, params)
             return
         manifest = data.load_manifest()
         manifest["abspath"] = data.resolve_paths(manifest)
@@ -64,7 +64,7 @@ def main(method: str, name: str) -> None:
                                           record["preprocessing"], batch_size, seed if shuffle else None,
                                           seed + (split == "val") if augmented else None)
 
-        with tracking.run(record, record["params"]) as active:
+        with tracking.run(record, params) as active:
             train.seed_everything(seed)
             with train.strategy().scope():
                 base = weights.load_backbone(bb, Path("models/weights") / name, input_size=input_size)
@@ -83,7 +83,7 @@ def main(method: str, name: str) -> None:
                     data_sets.append(train.feature_dataset(cut, labels, batch_size, seed if split == "train" else None))
             else:
                 data_sets = [images("train", True, augment != "none"), images("val", False, augment == "train_and_val")]
-            history, seconds = train.fit(model, *data_sets, cfg["epochs"], [tracking.live_callback(live_dir)])
+            history, seconds = train.fit(model, *data_sets, cfg["epochs"], tracking.callbacks(live_dir))
             full.save_weights(out / "model.weights.h5")
             record.update(train_seconds=round(seconds, 2), mlflow_run_id=active.info.run_id, cached_path=cached,
                           val_accuracy=float(history["val_accuracy"].iloc[-1]))

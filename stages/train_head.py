@@ -24,14 +24,14 @@ def main(name: str, variant: str) -> None:
     with files.atomic_dir(Path("runs/train_head") / pair) as out, \
             files.atomic_dir(Path("results/train_head") / pair) as live_dir:
         if meta["status"] == "unavailable":
-            tracking.skip_unavailable(out, live_dir, record)
+            tracking.skip_unavailable(out, live_dir, record, params)
             return
         output = train.feature_output(head_cfg["pooling"])
         _, y_train, x_train = features.load_split(Path("features") / pair, "train", output)
         _, y_val, x_val = features.load_split(Path("features") / pair, "val", output)
-        with tracking.run(record, record["params"]) as active:
+        with tracking.run(record, params) as active:
             head, history, seconds = train.train_head(x_train, y_train, x_val, y_val, len(data.load_classes()),
-                                                      cfg, head_cfg, [tracking.live_callback(live_dir)])
+                                                      cfg, head_cfg, tracking.callbacks(live_dir))
             head.save_weights(out / "head.weights.h5")
             record.update(train_seconds=round(seconds, 2), mlflow_run_id=active.info.run_id,
                           val_accuracy=float(history["val_accuracy"].iloc[-1]))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -68,3 +69,55 @@ def tree_fingerprint(root) -> dict[str, tuple[str, int]]:
             result[path.relative_to(root).as_posix()] = (
                 hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns)
     return result
+
+
+def make_tracking_store(root, epochs: int = 2) -> dict:
+    """A small MLflow store made by the real tracking code, as the stages and evaluate use it: two
+    VGG16 heads trained on random features (random labels) and ResNet50 without weights; MLflow
+    goes to ``$MLFLOW_TRACKING_URI``. Run inside ``root`` (the group comes from the cwd)."""
+    import pandas as pd
+
+    from transferlab import backbones, files, metrics, report, tracking, train
+    from transferlab.params import load as load_params
+
+    root = Path(root)
+    params = load_params(ROOT / "params.yaml")
+    params["train"].update(epochs=epochs, batch_size=8)
+    rng = np.random.default_rng(0)
+    classes = ["functional", "defective", "possibly defective"]
+    runs = []
+    for backbone, variant, available in [("vgg16", "native", True), ("vgg16", "rescale", True),
+                                         ("resnet50", "native", False)]:
+        pre = backbones.preprocessing_record(backbones.get(backbone), variant, 32)
+        weights = ({"status": "random", "pretrained": False, "label": "not pretrained", "array_checksum": "c" * 32,
+                    "file_sha256": "f" * 64} if available else
+                   {"status": "unavailable", "pretrained": False, "label": "weights unavailable",
+                    "message": f"{backbone}: no ImageNet weights;\nput resnet50_notop.h5 in ~/.keras/models/"})
+        record = {"backbone": backbone, "input_size": 32, "preprocessing": pre,
+                  "preprocessing_fingerprint": backbones.fingerprint(pre), "weights": weights,
+                  "manifest_sha256": "d" * 64, "run_name": f"train_head/{backbone}-{variant}", "stage": "train_head",
+                  "method": "bottleneck", "status": "trained",
+                  "params": {"train": params["train"], "head": params["head"]}}
+        out, live = root / "runs" / record["run_name"], root / "results" / record["run_name"]
+        out.mkdir(parents=True)
+        run = {"record": record, "metrics": None, "history": None}
+        if not available:
+            tracking.skip_unavailable(out, live, record, params)
+        else:
+            x, y = rng.normal(size=(48, 8)).astype("float32"), rng.integers(0, 3, 48)
+            with tracking.run(record, params) as active:
+                head, history, seconds = train.train_head(x[:32], y[:32], x[32:], y[32:], 3, params["train"],
+                                                          params["head"], tracking.callbacks(live))
+                record.update(train_seconds=round(seconds, 2), mlflow_run_id=active.info.run_id)
+                tracking.finish(out, record, history)
+            pred = head.predict(x, verbose=0).argmax(1)
+            run.update(history=pd.read_csv(out / "history.csv"),
+                       metrics=metrics.compute(y, pred, classes, {"cell_type": np.where(y % 2, "mono", "poly")}, 50))
+            (root / "results/eval" / record["run_name"]).mkdir(parents=True)
+            files.write_json(root / "results/eval" / record["run_name"] / "metrics.json", run["metrics"])
+        runs.append(run)
+    evaluated_at = time.time() * 1000
+    urls = tracking.link_runs(runs)
+    report.write(runs, root / "reports", urls)
+    tracking.log_evaluation(runs, root / "reports", root / "results/eval")
+    return {"runs": runs, "urls": urls, "evaluated_at": evaluated_at}

@@ -157,6 +157,7 @@ def sample_runs():
     """Deliberately out of table order: the report must sort them."""
     return [
         _run("finetune_top/vgg16-native", VGG_NATIVE, "aaaa000011112222", RANDOM, 0.55, 3),
+        _run("frozen_end_to_end/vgg16-native", VGG_NATIVE, "aaaa000011112222", IMAGENET, 0.8, 5),
         _run("bottleneck/vgg16-rescale", VGG_RESCALE, "bbbb333344445555", IMAGENET, 0.65, 2),
         _run("bottleneck/resnet50-native", VGG_NATIVE, "cccc666677778888", UNAVAILABLE, 0, 4),
         _run("bottleneck/vgg16-native", VGG_NATIVE, "aaaa000011112222", IMAGENET, 0.85, 1),
@@ -165,11 +166,12 @@ def sample_runs():
 
 def test_table_one_row_per_run_sorted_with_unavailable_and_not_pretrained():
     df = report.table(sample_runs())
-    assert list(df["run_name"]) == [
+    assert list(df["run_name"]) == [  # backbone, preprocessing, then the methods in pipeline order
         "bottleneck/resnet50-native",
         "bottleneck/vgg16-native",
-        "bottleneck/vgg16-rescale",
+        "frozen_end_to_end/vgg16-native",
         "finetune_top/vgg16-native",
+        "bottleneck/vgg16-rescale",
     ]
     unavailable = df.iloc[0]
     assert unavailable["weights"] == "weights unavailable"
@@ -193,24 +195,35 @@ def test_write_outputs(tmp_path):
 
     runs = sample_runs()
     runs[0]["record"]["parity"] = {"parity_max_abs_logit_diff": 7.6e-6, "parity_val_accuracy_diff": 0.0}
-    written = report.write(runs, tmp_path)
+    for run in runs:
+        run["mlflow_url"] = f"http://127.0.0.1:5000/#/experiments/1/runs/{run['record']['mlflow_run_id']}"
+    urls = {"group": "http://127.0.0.1:5000/#/experiments/1/runs/g",
+            "runs": "http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"}
+    written = report.write(runs, tmp_path, urls)
 
     csv = pd.read_csv(tmp_path / "results.csv")
-    assert len(csv) == 4
+    assert len(csv) == 5
     row = csv[csv["run_name"] == "bottleneck/resnet50-native"].iloc[0]
     assert row["weights"] == "weights unavailable" and pd.isna(row["accuracy"])
 
     md = (tmp_path / "results.md").read_text()
     table_rows = [line for line in md.split("## Parity")[0].splitlines() if line.startswith("| `")]
-    assert len(table_rows) == 4
+    assert len(table_rows) == 5
     unavailable_row = next(r for r in table_rows if "resnet50" in r)
     assert "weights unavailable" in unavailable_row
-    cells = unavailable_row.split(" | ")[5:-3]  # accuracy .. train seconds
+    cells = unavailable_row.split(" | ")[5:-4]  # accuracy .. train seconds
     assert not any(ch.isdigit() for cell in cells for ch in cell), cells
     assert "not pretrained" in next(r for r in table_rows if "finetune_top" in r)
-    m = runs[3]["metrics"]
+    m = runs[-1]["metrics"]
     lo, hi = m["accuracy_ci95"]
     assert f"{m['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]" in md
+    assert f"[this run group]({urls['group']})" in md and f"[all training runs]({urls['runs']})" in md
+    assert "[test accuracy](plots/comparison.png)" in md and "[learning curves](plots/learning_curves.png)" in md
+    assert unavailable_row.endswith(" | [MLflow](http://127.0.0.1:5000/#/experiments/1/runs/mlflow4) |")
+    head_row = next(r for r in table_rows if r.startswith("| `bottleneck/vgg16-native`"))
+    assert head_row.endswith(" | [MLflow](http://127.0.0.1:5000/#/experiments/1/runs/mlflow1), "
+                             "[learning curves](plots/curves_bottleneck_vgg16-native.png), "
+                             "[confusion matrix](plots/confusion_bottleneck_vgg16-native.png) |")
 
     parity = md.split("## Parity", 1)[1].split("## Audit", 1)[0]
     assert "| `finetune_top/vgg16-native` | 7.60e-06 | +0.0000 |" in parity
@@ -229,19 +242,16 @@ def test_write_outputs(tmp_path):
 
     acc = pd.read_csv(tmp_path / "plots" / "accuracy.csv")
     assert list(acc.columns[:1]) == ["run_name"] and {"accuracy", "lo", "hi"} <= set(acc.columns)
-    assert len(acc) == 3 and (acc["lo"] <= acc["accuracy"]).all() and (acc["accuracy"] <= acc["hi"]).all()
+    assert len(acc) == 4 and (acc["lo"] <= acc["accuracy"]).all() and (acc["accuracy"] <= acc["hi"]).all()
     labels = dict(zip(acc["run_name"], acc["label"]))
     assert labels["finetune_top/vgg16-native"] == "vgg16 / finetune_top / native (not pretrained)"
 
     plots = tmp_path / "plots"
     pngs = {p.name for p in plots.glob("*.png")}
-    assert pngs == {
-        "learning_curves.png",
-        "comparison.png",
-        "confusion_bottleneck_vgg16-native.png",
-        "confusion_bottleneck_vgg16-rescale.png",
-        "confusion_finetune_top_vgg16-native.png",
-    }
+    trained = ["bottleneck_vgg16-native", "bottleneck_vgg16-rescale", "finetune_top_vgg16-native",
+               "frozen_end_to_end_vgg16-native"]
+    assert pngs == {"learning_curves.png", "comparison.png", *[f"{kind}_{name}.png" for name in trained
+                                                                for kind in ("confusion", "curves")]}
     assert {p.name for p in written if p.suffix == ".png"} == pngs
     for name in pngs:
         path = plots / name
@@ -249,3 +259,17 @@ def test_write_outputs(tmp_path):
         assert path.stat().st_size > 10_000, name
         image = plt.imread(path)
         assert image.ndim == 3 and min(image.shape[:2]) > 200 and image.std() > 0.05, name
+
+
+def test_learning_curves_share_separate_accuracy_and_loss_axes():
+    """No twin axes: accuracy and loss each on their own axis, one scale across panels."""
+    runs = [r for r in sample_runs() if r["history"] is not None]
+    runs[1]["history"] = runs[1]["history"].assign(loss=lambda h: 3 * h["loss"])
+    fig = report._learning_curves(runs)
+    used = [ax for ax in fig.axes if ax.axison]
+    accuracy = [ax for ax in used if ax.get_ylabel() == "accuracy"]
+    loss = [ax for ax in used if ax.get_ylabel() == "loss"]
+    assert len(accuracy) == len(loss) == len(runs) == len(used) / 2
+    assert len({ax.get_ylim() for ax in accuracy}) == 1 and len({ax.get_ylim() for ax in loss}) == 1
+    assert loss[0].get_ylim()[1] >= 3.0 > accuracy[0].get_ylim()[1] >= 0.9  # loss up to 3, accuracy 0.4-0.9
+    assert 0.3 < accuracy[0].get_ylim()[0] < 0.4  # scaled to the curves, not fixed at 0-1

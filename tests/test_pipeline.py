@@ -76,23 +76,39 @@ def test_random_weights_are_labelled_not_pretrained_everywhere(repo):
 def test_mlflow_holds_grouped_runs_with_curves_tags_and_test_metrics(repo):
     repo, env = repo
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
-    runs = client.search_runs([client.get_experiment_by_name("transferlab").experiment_id])
+    experiment = client.get_experiment_by_name("transferlab").experiment_id
+    (group,) = client.search_runs([experiment], "tags.\"transferlab.role\" = 'group'")
+    runs = client.search_runs([experiment], f"tags.\"mlflow.parentRunId\" = '{group.info.run_id}'")
     by_name = {r.info.run_name: r for r in runs}
-    assert sorted(by_name) == sorted(RUNS)
-    assert len({r.data.tags["transferlab.group"] for r in runs}) == 1
+    assert sorted(by_name) == sorted(RUNS)  # every run a child of the one group run of this repro
+    assert len(client.search_runs([experiment])) == len(RUNS) + 1
+    assert {r.data.tags["transferlab.group"] for r in runs} == {group.data.tags["transferlab.group"]}
+    assert {"results.md", "plots"} <= {a.path for a in client.list_artifacts(group.info.run_id)}
     head = by_name["train_head/vgg16-native"]
     meta = read(repo, "features/vgg16-native/meta.json")
     assert head.data.tags["preprocessing_fingerprint"] == meta["preprocessing_fingerprint"]
     assert head.data.tags["weights_pretrained"] == "false"
     assert head.data.tags["manifest_sha256"] == meta["manifest_sha256"]
     assert head.data.params["train.epochs"] == "2"
+    assert "dvc_experiment" not in head.data.tags
+    for run in runs:  # comparable in MLflow's plots: identity and the sections used, as params
+        params, tags = run.data.params, run.data.tags
+        assert {k: params[k] for k in ("backbone", "method", "preprocessing", "input_size")} == {
+            k: tags[k] for k in ("backbone", "method", "preprocessing", "input_size")}
+        assert params["extract.input_size"] == "32" and "ablation.bn_training" in params
+        assert not [k for k in run.data.metrics if k.startswith("validation_")]  # no autologged duplicates
+    assert by_name["finetune_top/vgg16-native"].data.params["finetune.cut_point"] == "block5_conv1"
     curve = client.get_metric_history(head.info.run_id, "val_accuracy")
-    assert [m.step for m in curve] == [0, 1]
+    assert [m.step for m in curve] == [1, 2]  # epochs, counted as in history.csv and the report
     history = pd.read_csv(repo / "runs/train_head/vgg16-native/history.csv")
     assert [m.value for m in curve] == pytest.approx(history["val_accuracy"].tolist())
     for run in runs:
         evaluated = read(repo, f"results/eval/{run.info.run_name}/metrics.json")
         assert run.data.metrics["test_accuracy"] == pytest.approx(evaluated["accuracy"])
+        # evaluate added its metrics later, without moving the run's end: its duration is the training's
+        (logged,) = client.get_metric_history(run.info.run_id, "test_accuracy")
+        assert run.info.status == "FINISHED" and run.info.end_time < logged.timestamp
+        assert "confusion_matrix.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
 def test_frozen_end_to_end_reproduces_train_head(repo):
@@ -132,7 +148,8 @@ def test_linear_probe_runs_as_an_experiment_beside_the_workspace(repo, tmp_path)
     assert {name: (repo / name).read_bytes() for name in before} == before
     assert "Data and pipelines are up to date" in sh("dvc", "status", cwd=repo, env=env)
     client = mlflow.MlflowClient(db)
-    (run,) = client.search_runs([client.get_experiment_by_name("transferlab").experiment_id])
+    (run,) = client.search_runs([client.get_experiment_by_name("transferlab").experiment_id],
+                                "tags.stage = 'train_head'")
     assert run.info.run_name == "train_head/vgg16-native"  # the only run: no fine-tuning, no rescale
     assert run.data.params["head.units"] == "0"
     accuracy = run.data.metrics["test_accuracy"]

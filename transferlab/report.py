@@ -2,8 +2,9 @@
 
 A run is a dict with ``record`` (the ``run.json`` written by training), ``metrics`` (from
 :func:`transferlab.metrics.compute`, or None) and ``history`` (per-epoch DataFrame with
-epoch, loss, accuracy, val_loss, val_accuracy, or None). Runs whose weights could not be
-obtained stay in every output as "weights unavailable", so a missing backbone is visible
+epoch, loss, accuracy, val_loss, val_accuracy, or None), and once tracked ``mlflow_url``, the
+run's page in the MLflow UI; :func:`write` adds ``plots``, the run's own figures. Runs whose
+weights could not be obtained stay in every output as "weights unavailable", so a missing backbone is visible
 instead of quietly absent; randomly initialised runs say "not pretrained" everywhere, so
 they are never read as transfer-learning results.
 """
@@ -23,7 +24,8 @@ from matplotlib.ticker import MaxNLocator
 UNAVAILABLE = "weights unavailable"
 NOT_PRETRAINED = "not pretrained"
 MISSING = "—"
-SORT_KEYS = ["backbone", "method", "preprocessing"]
+SORT_KEYS = ["backbone", "preprocessing", "method"]
+METHODS = ("bottleneck", "frozen_end_to_end", "finetune_top")  # pipeline order; others after them
 
 
 def weights_label(record: dict) -> str:
@@ -59,7 +61,9 @@ def table(runs: list[dict]) -> pd.DataFrame:
         "train_seconds", "preprocessing_fingerprint", "weights_checksum", "manifest_sha256",
     ]
     df = pd.DataFrame(rows, columns=columns)
-    return df.sort_values(SORT_KEYS, kind="stable").reset_index(drop=True)
+    pipeline_order = lambda col: col.map({m: i for i, m in enumerate(METHODS)}).fillna(len(METHODS))  # noqa: E731
+    return df.sort_values(SORT_KEYS, key=lambda col: pipeline_order(col) if col.name == "method" else col,
+                          kind="stable").reset_index(drop=True)
 
 
 def _row(run: dict) -> dict:
@@ -95,8 +99,10 @@ def _short(digest: str | None, n: int = 12) -> str | None:
     return digest[:n] if digest else None
 
 
-def write(runs: list[dict], out_dir) -> list[Path]:
-    """Write results.csv, results.md and plots/ under ``out_dir``; return the paths written."""
+def write(runs: list[dict], out_dir, mlflow_urls: dict | None = None) -> list[Path]:
+    """Write results.csv, results.md and plots/ under ``out_dir``; return the paths written.
+
+    ``mlflow_urls``: the MLflow pages of the run group (``group``) and of the runs view (``runs``)."""
     out_dir = Path(out_dir)
     plots = out_dir / "plots"
     plots.mkdir(parents=True, exist_ok=True)
@@ -104,9 +110,20 @@ def write(runs: list[dict], out_dir) -> list[Path]:
     by_name = {r["record"]["run_name"]: r for r in runs}
     ordered = [by_name[name] for name in df["run_name"]]
 
+    written = []
+    used: set[str] = set()
+    for run in ordered:
+        name = _file_safe(run["record"]["run_name"], used)
+        run["plots"] = {}
+        if run.get("history") is not None:
+            run["plots"]["learning_curves"] = _save(_learning_curves([run]), plots / f"curves_{name}.png")
+        if run.get("metrics"):
+            run["plots"]["confusion_matrix"] = _save(_confusion(run), plots / f"confusion_{name}.png")
+        written += run["plots"].values()
+
     csv, md, accuracy_csv = out_dir / "results.csv", out_dir / "results.md", plots / "accuracy.csv"
     df.to_csv(csv, index=False, float_format="%.6g")
-    md.write_text(markdown(df, ordered))
+    md.write_text(markdown(df, ordered, out_dir, mlflow_urls or {}))
     measured = df[df["accuracy"].notna()]
     pd.DataFrame({
         "run_name": measured["run_name"],
@@ -116,33 +133,44 @@ def write(runs: list[dict], out_dir) -> list[Path]:
         "hi": measured["accuracy_hi"],
     }).to_csv(accuracy_csv, index=False, float_format="%.6g")
 
-    written = [csv, md, accuracy_csv]
+    written += [csv, md, accuracy_csv]
     written.append(_save(_learning_curves(ordered), plots / "learning_curves.png"))
     written.append(_save(_comparison(ordered), plots / "comparison.png"))
-    used: set[str] = set()
-    for run in ordered:
-        if run.get("metrics"):
-            name = _file_safe(run["record"]["run_name"], used)
-            written.append(_save(_confusion(run), plots / f"confusion_{name}.png"))
     return written
 
 
 # --- Markdown -----------------------------------------------------------------------------
 
 
-def markdown(df: pd.DataFrame, runs: list[dict]) -> str:
+def markdown(df: pd.DataFrame, runs: list[dict], out_dir: Path = Path("."), mlflow_urls: dict | None = None) -> str:
     """The results table followed by the audit; ``runs`` in the table's row order."""
-    lines = ["# Results", "", _markdown_table(df), "", *_parity(runs), *_audit(runs)]
+    lines = ["# Results", "", *_links(mlflow_urls or {}), _markdown_table(df, runs, out_dir), "",
+             *_parity(runs), *_audit(runs)]
     return "\n".join(lines) + "\n"
 
 
-def _markdown_table(df: pd.DataFrame) -> str:
+def _links(urls: dict) -> list[str]:
+    plots = "Plots: [test accuracy](plots/comparison.png), [learning curves](plots/learning_curves.png)."
+    if not urls:
+        return [plots, ""]
+    return [plots, f"MLflow (`mlflow ui`): [this run group]({urls['group']}) (its children are the training "
+                   f"runs it made), [all training runs]({urls['runs']}).", ""]
+
+
+def _run_links(run: dict, out_dir: Path) -> str:
+    links = [f"[MLflow]({run['mlflow_url']})"] if run.get("mlflow_url") else []
+    links += [f"[{kind.replace('_', ' ')}]({path.relative_to(out_dir).as_posix()})"
+              for kind, path in (run.get("plots") or {}).items()]
+    return ", ".join(links) or MISSING
+
+
+def _markdown_table(df: pd.DataFrame, runs: list[dict], out_dir: Path) -> str:
     group_columns = [c for c in df.columns if c.startswith("accuracy[")]
     header = ["run", "backbone", "method", "preprocessing", "weights", "accuracy [95% CI]",
               "balanced acc.", "macro-F1", *[c.replace("accuracy", "acc.", 1) for c in group_columns],
-              "train s", "preprocessing fingerprint", "weights checksum", "manifest sha256"]
+              "train s", "preprocessing fingerprint", "weights checksum", "manifest sha256", "links"]
     body = []
-    for _, r in df.iterrows():
+    for (_, r), run in zip(df.iterrows(), runs):
         if pd.isna(r["accuracy"]):
             accuracy = UNAVAILABLE if r["weights"] == UNAVAILABLE else "no result"
         else:
@@ -152,6 +180,7 @@ def _markdown_table(df: pd.DataFrame) -> str:
             accuracy, *[_num(r[c]) for c in ["balanced_accuracy", "macro_f1", *group_columns]],
             _num(r["train_seconds"], 1),
             *[_code(r[c]) for c in ["preprocessing_fingerprint", "weights_checksum", "manifest_sha256"]],
+            _run_links(run, out_dir),
         ]
         body.append(cells)
     return "\n".join(md_table(header, body))
@@ -347,38 +376,35 @@ def _wrap(text: str, width: int = 42) -> str:
 
 
 def _learning_curves(runs: list[dict]) -> Figure:
+    """Accuracy above loss for each run, each on its own axis, shared across panels so that the
+    panels compare at a glance (twin axes would scale loss per panel)."""
     runs = [r for r in runs if r.get("history") is not None and len(pd.DataFrame(r["history"]))]
     ncols = max(1, min(3, len(runs)))
     nrows = max(1, math.ceil(len(runs) / ncols))
-    fig = Figure(figsize=(5.2 * ncols, 3.8 * nrows), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    fig = Figure(figsize=(5.2 * ncols, 5.0 * nrows), layout="constrained")
+    grid = fig.subplots(2 * nrows, ncols, squeeze=False)
+    acc_axes, loss_axes = grid[0::2].ravel(), grid[1::2].ravel()
+    for axes in (acc_axes, loss_axes):
+        for ax in axes[1:]:
+            ax.sharey(axes[0])
     if not runs:
-        axes[0].text(0.5, 0.5, "no training history recorded", ha="center", va="center")
-    handles = {}
-    for ax, run in zip(axes, runs):
+        acc_axes[0].text(0.5, 0.5, "no training history recorded", ha="center", va="center")
+    for acc_ax, loss_ax, run in zip(acc_axes, loss_axes, runs):
         h = pd.DataFrame(run["history"])
         epoch = h["epoch"] if "epoch" in h else pd.Series(np.arange(1, len(h) + 1))
-        loss_ax = ax.twinx()
-        for column, colour, label in [("accuracy", "C0", "train"), ("val_accuracy", "C1", "val")]:
-            if column in h:
-                (line,) = ax.plot(epoch, h[column], color=colour, marker="o", ms=3, label=f"{label} accuracy")
-                handles[line.get_label()] = line
-        for column, colour, label in [("loss", "C0", "train"), ("val_loss", "C1", "val")]:
-            if column in h:
-                (line,) = loss_ax.plot(epoch, h[column], color=colour, ls="--", label=f"{label} loss")
-                handles[line.get_label()] = line
-        ax.set_ylim(0, 1.02)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("accuracy (solid)")
-        loss_ax.set_ylabel("loss (dashed)")
-        ax.grid(alpha=0.3)
-        ax.set_title(_wrap(run_label(run["record"])), fontsize=10)
-    for ax in axes[len(runs):]:
+        for ax, metric in ((acc_ax, "accuracy"), (loss_ax, "loss")):
+            for column, colour, label in [(metric, "C0", "train"), (f"val_{metric}", "C1", "val")]:
+                if column in h:
+                    ax.plot(epoch, h[column], color=colour, marker="o", ms=3, label=label)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_ylabel(metric)
+            ax.grid(alpha=0.3)
+        loss_ax.set_xlabel("epoch")
+        acc_ax.set_title(_wrap(run_label(run["record"])), fontsize=10)
+    for ax in [*acc_axes[len(runs):], *loss_axes[len(runs):]]:
         ax.set_axis_off()
-    if handles:
-        names = [n for n in ("train accuracy", "val accuracy", "train loss", "val loss") if n in handles]
-        fig.legend([handles[n] for n in names], names, loc="outside upper center", ncols=len(names))
+    if runs:
+        fig.legend(*acc_axes[0].get_legend_handles_labels(), loc="outside upper center", ncols=2)
     return fig
 
 

@@ -1,27 +1,66 @@
-"""Experiment tracking: MLflow runs with identity tags, DVCLive files for DVC.
+"""Experiment tracking: MLflow runs that the UI can compare, DVCLive files for DVC.
 
-MLflow's Keras autologging records params and per-epoch curves; DVCLive's Keras callback
-writes the same curves where ``dvc exp show`` and ``dvc plots`` read them. What neither
-knows (which data, weights and preprocessing made the run) is added here as tags.
+Every configuration in the params gets an MLflow run, even one that cannot train for want of
+weights (it says why and has no metrics), so a filter on a backbone always shows it. MLflow's
+compare plots read only params and metrics, so the run's identity (backbone, method,
+preprocessing, input size, weights) and every params section it used, resolved for its
+backbone, are params; the identity is also in tags, with the fingerprints for the audit. The
+curves are logged here with step = epoch counted from 1, as in history.csv and the report:
+Keras autologging logged the validation metrics twice, at step 0. The runs of one `dvc repro`
+are children of one group run, which evaluate gives the comparison report. Evaluate adds test
+metrics to a finished run without reopening it, so the run's duration stays the training's.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
+import re
+import shutil
 import socket
 import subprocess
+import tempfile
+import time
 from pathlib import Path
 
+import keras
 import mlflow
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
 
 from transferlab import files
 
 EXPERIMENT = "transferlab"
+UI_URL = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store (README)
+CURVES = ("loss", "accuracy", "val_loss", "val_accuracy")
+# train_head takes no ablation switch: its runs record them all off, the values that mean "correct"
+ABLATION_OFF = {"bn_training": False, "dropout_position": None, "augmentation": "none",
+                "input_size": None, "batch_size": None}
 
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def ui_url() -> str:
+    """The MLflow UI's address: the tracking server when there is one, else `mlflow ui`'s default."""
+    uri = tracking_uri()
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI_URL
+
+
+# MLflow 3 opens an experiment in its GenAI mode, which shows no training runs: the UI's
+# "Model training" mode is this query. Sorted by creation time (the default) the runs nest under
+# their group's run; sorted by name they are listed flat, which is where the runs view starts.
+ML_MODE = "workflowType=machine_learning"
+
+
+def run_url(experiment_id: str, run_id: str) -> str:
+    return f"{ui_url()}/#/experiments/{experiment_id}/runs/{run_id}?{ML_MODE}"
+
+
+def runs_view_url(experiment_id: str) -> str:
+    sort = "orderByKey=tags.%60mlflow.runName%60&orderByAsc=true"
+    return f"{ui_url()}/#/experiments/{experiment_id}/runs?{ML_MODE}&{sort}"
 
 
 def git_commit() -> str:
@@ -40,6 +79,13 @@ def group() -> str:
     return "repro-" + hashlib.sha256(git_commit().encode() + params).hexdigest()[:12]
 
 
+def _context_tags() -> dict:
+    tags = {"transferlab.group": group(), "git_commit": git_commit()}
+    if os.environ.get("DVC_EXP_NAME"):  # no empty tag outside experiments
+        tags["dvc_experiment"] = os.environ["DVC_EXP_NAME"]
+    return tags
+
+
 def flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in d.items():
@@ -54,7 +100,7 @@ def flatten(d: dict, prefix: str = "") -> dict:
 def identity_tags(record: dict) -> dict:
     weights = record["weights"]
     return {
-        "transferlab.group": group(),
+        **_context_tags(),
         "stage": record["stage"],
         "method": record["method"],
         "backbone": record["backbone"],
@@ -66,23 +112,58 @@ def identity_tags(record: dict) -> dict:
         "weights_array_checksum": weights.get("array_checksum") or "none",
         "weights_file_sha256": weights.get("file_sha256") or "none",
         "manifest_sha256": record["manifest_sha256"],
-        "git_commit": git_commit(),
-        "dvc_experiment": os.environ.get("DVC_EXP_NAME", ""),
     }
+
+
+def _resolved(section: dict, backbone: str) -> dict:
+    """A params section as one run used it: per-backbone maps reduced to its backbone's value,
+    the grid's lists (backbones, methods, variants) left out: the run's own are params already."""
+    return {k: v.get(backbone) if isinstance(v, dict) else v for k, v in section.items() if not isinstance(v, list)}
+
+
+def run_params(record: dict, params: dict) -> dict:
+    """The run's identity and every params section it depends on, as MLflow params."""
+    backbone = record["backbone"]
+    sections = {"extract": params["extract"], "ablation": ABLATION_OFF, **record["params"]}
+    return {
+        "backbone": backbone, "method": record["method"], "preprocessing": record["preprocessing"]["variant"],
+        "input_size": record["input_size"], "weights": record["weights"]["label"],
+        **flatten({name: _resolved(s, backbone) if isinstance(s, dict) else s for name, s in sections.items()}),
+    }
+
+
+def _store() -> tuple[mlflow.MlflowClient, str]:
+    mlflow.set_tracking_uri(tracking_uri())
+    return mlflow.MlflowClient(), mlflow.set_experiment(EXPERIMENT).experiment_id
+
+
+def group_run(client: mlflow.MlflowClient, experiment_id: str) -> str:
+    """The run holding one `dvc repro`'s runs as children (found by tag, else created finished)."""
+    name = group()
+    found = client.search_runs([experiment_id], f"tags.\"transferlab.group\" = '{name}' and "
+                                                "tags.\"transferlab.role\" = 'group'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    note = (f"The runs of one `dvc repro` / `dvc exp run` (group `{name}`) are this run's children; "
+            "`evaluate` adds `results.md`, `results.csv` and the comparison plots here.")
+    parent = client.create_run(experiment_id, run_name=f"group/{name}", tags={
+        **_context_tags(), "transferlab.role": "group", "mlflow.note.content": note})
+    client.set_terminated(parent.info.run_id)
+    return parent.info.run_id
 
 
 @contextlib.contextmanager
 def run(record: dict, params: dict):
-    """An MLflow run with autologged Keras curves, flattened params and the identity tags."""
-    import mlflow.keras
+    """An MLflow run, child of its group's run, with the run's params and identity tags.
 
-    mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(EXPERIMENT)
-    mlflow.keras.autolog(log_models=False, log_datasets=False, silent=True)
+    ``params`` is the whole params.yaml; ``record["params"]`` the sections the stage used."""
+    client, experiment_id = _store()
     mark_killed_runs(record["run_name"])
     owner = {"transferlab.host": socket.gethostname(), "transferlab.pid": str(os.getpid())}
-    with mlflow.start_run(run_name=record["run_name"], tags={**identity_tags(record), **owner}) as active:
-        mlflow.log_params(flatten(params))
+    with mlflow.start_run(experiment_id=experiment_id, run_name=record["run_name"],
+                          tags={**identity_tags(record), **owner},
+                          parent_run_id=group_run(client, experiment_id)) as active:
+        mlflow.log_params(run_params(record, params))
         yield active
 
 
@@ -119,6 +200,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def callbacks(directory: Path) -> list:
+    """DVCLive's Keras callback, and the four curves into the active MLflow run, step = epoch from 1."""
+    def log_epoch(epoch, logs):
+        mlflow.log_metrics({k: float(logs[k]) for k in CURVES if k in logs}, step=epoch + 1)
+
+    return [live_callback(directory), keras.callbacks.LambdaCallback(on_epoch_end=log_epoch)]
+
+
 def live_callback(directory: Path):
     """DVCLive's Keras callback writing metrics.json and per-epoch plots; dvc.yaml declares them.
 
@@ -130,37 +219,92 @@ def live_callback(directory: Path):
     return DVCLiveCallback(live=Live(str(directory), dvcyaml=None, save_dvc_exp=False))
 
 
-def log_evaluation(record: dict, metrics: dict, artifacts_dir: Path) -> str:
-    """Log test metrics into the run that trained the model (a linked run if it is gone)."""
-    mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(EXPERIMENT)
-    values = {f"test_{k}": metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")}
-    values["test_accuracy_ci95_lo"], values["test_accuracy_ci95_hi"] = metrics["accuracy_ci95"]
-    run_id = record.get("mlflow_run_id")
-    try:
-        mlflow.MlflowClient().get_run(run_id)
-        context = mlflow.start_run(run_id=run_id)
-    except Exception:  # the training run lives in another store: keep the link as a tag
-        context = mlflow.start_run(run_name=f"evaluate/{record['run_name']}",
-                                   tags={**identity_tags(record), "linked_training_run": str(run_id)})
-    with context as active:
-        mlflow.log_metrics(values)
-        mlflow.log_artifacts(str(artifacts_dir), artifact_path="evaluation")
-        return active.info.run_id
-
-
 def finish(out_dir: Path, record: dict, history) -> None:
     """Write the run's record and curves beside its weights, and attach them to the MLflow run."""
     history.to_csv(out_dir / "history.csv", index=False)
     files.write_json(out_dir / "preprocessing.json", record["preprocessing"])
     files.write_json(out_dir / "run.json", record)
+    mlflow.log_metric("train_seconds", record["train_seconds"])
     mlflow.log_artifacts(str(out_dir))
 
 
-def skip_unavailable(out_dir: Path, live_dir: Path, record: dict) -> None:
-    """A run that cannot happen still leaves its declared outputs, saying why, and no numbers."""
+def skip_unavailable(out_dir: Path, live_dir: Path, record: dict, params: dict) -> None:
+    """A run that cannot happen still leaves its declared outputs and a finished MLflow run without
+    metrics, saying why and which file to supply, so the UI shows it beside the others."""
     record.update(status="unavailable")
+    message = " ".join((record["weights"].get("message") or "").split())
+    with run(record, params) as active:
+        mlflow.set_tag("mlflow.note.content", f"**Weights unavailable**: not trained, no metrics. {message}")
+        record["mlflow_run_id"] = active.info.run_id
     files.write_json(out_dir / "run.json", record)
     (live_dir / "plots").mkdir(parents=True, exist_ok=True)  # declared in dvc.yaml: exists, empty
     files.write_json(live_dir / "metrics.json", {"weights_unavailable": 1})
-    print(f"{record['run_name']}: skipped, weights unavailable. {record['weights'].get('message', '')}")
+    print(f"{record['run_name']}: skipped, weights unavailable. {message}")
+
+
+# --- evaluate -----------------------------------------------------------------------------
+
+
+def link_runs(runs: list[dict]) -> dict:
+    """Set each run's ``mlflow_run_id`` and ``mlflow_url`` in this store; return the URLs of the
+    group's run and of the runs view. A run trained into another store (runs/ restored from
+    elsewhere) gets a linked run here, created finished, to hold its test metrics."""
+    client, experiment_id = _store()
+    parent = group_run(client, experiment_id)
+    for run_ in runs:
+        record = run_["record"]
+        run_id = record.get("mlflow_run_id")
+        if not _exists(client, run_id):
+            tags = {**identity_tags(record), "linked_training_run": str(run_id), "mlflow.parentRunId": parent}
+            run_id = client.create_run(experiment_id, run_name=f"evaluate/{record['run_name']}", tags=tags).info.run_id
+            client.set_terminated(run_id)
+        run_.update(mlflow_run_id=run_id, mlflow_url=run_url(experiment_id, run_id))
+    return {"group": run_url(experiment_id, parent), "runs": runs_view_url(experiment_id)}
+
+
+def _exists(client: mlflow.MlflowClient, run_id: str | None) -> bool:
+    try:
+        return run_id is not None and client.get_run(run_id).info.lifecycle_stage == "active"
+    except MlflowException:
+        return False
+
+
+def evaluation_metrics(m: dict) -> dict:
+    """Test metrics as MLflow metrics: overall, per class and per metadata group."""
+    values = {f"test_{k}": m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "majority_class_accuracy")}
+    values["test_accuracy_ci95_lo"], values["test_accuracy_ci95_hi"] = m["accuracy_ci95"]
+    for name, scores in m["per_class"].items():
+        for k in ("precision", "recall"):
+            values[f"test_{k}/{_key(name)}"] = scores[k]
+    for column, groups in (m.get("group_accuracy") or {}).items():
+        for value, stats in groups.items():
+            values[f"test_group_accuracy/{_key(column)}/{_key(value)}"] = stats["accuracy"]
+    return values
+
+
+def _key(name) -> str:
+    return re.sub(r"[^\w.\- ]", "_", str(name))
+
+
+def log_evaluation(runs: list[dict], reports_dir: Path, eval_dir: Path) -> None:
+    """Test metrics, evaluation files and figures into each scored run, through the client and
+    without reopening the run, so its end time stays the training's; the report into the group's
+    run, which ends now. ``runs`` have been through link_runs and report.write."""
+    client, experiment_id = _store()
+    now = int(time.time() * 1000)
+    for run_ in runs:
+        if not run_["metrics"]:
+            continue
+        run_id = run_["mlflow_run_id"]
+        metrics = evaluation_metrics(run_["metrics"])
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+        client.log_artifacts(run_id, str(eval_dir / run_["record"]["run_name"]), "evaluation")
+        with tempfile.TemporaryDirectory() as figures:  # at the top of the run's artifacts, one click away
+            for kind, path in run_.get("plots", {}).items():
+                shutil.copy(path, Path(figures) / f"{kind}.png")
+            client.log_artifacts(run_id, figures)
+    parent = group_run(client, experiment_id)
+    for name in ("results.md", "results.csv"):
+        client.log_artifact(parent, str(reports_dir / name))
+    client.log_artifacts(parent, str(reports_dir / "plots"), "plots")
+    client.set_terminated(parent)
