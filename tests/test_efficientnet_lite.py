@@ -171,6 +171,13 @@ def lite0_top(lite0_weights):
     return efficientnet_lite.EfficientNetLite0(include_top=True, weights=lite0_weights[0])
 
 
+def test_registry_pins_are_the_converted_weights(lite0_weights):
+    lite0 = backbones.get("efficientnet_lite0")
+    top, notop = lite0_weights
+    assert weights.file_checksum(lite0, top, include_top=True) == lite0.imagenet_checksums["top"]
+    assert weights.file_checksum(lite0, notop) == lite0.imagenet_checksums["notop"]
+
+
 def test_state_dict_shapes(lite0_pth):
     state = load_state_dict(lite0_pth)
     assert len(state) == 296
