@@ -6,6 +6,7 @@ The end-to-end tests are marked ``slow`` (about 1-2 min each on 2 CPU cores): `p
 import json
 import os
 import shutil
+import subprocess
 
 import h5py
 import keras
@@ -53,6 +54,22 @@ def test_dvc_run_cache_never_restores_corrupted_weights(tmp_path):
     assert identity["array_checksum"] == pin
     assert weights.file_checksum(backbones.get("vgg16"), repo / "models/weights/vgg16/notop.weights.h5") == pin
     assert "up to date" in run_cmd("dvc", "repro", "weights@vgg16", cwd=repo, env=env)
+
+
+def test_a_broken_weights_paths_file_stops_the_stage_with_one_line(tmp_path):
+    notes = tmp_path / "vgg16 weights.h5"
+    notes.write_text("not weights\n")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["extract"]["backbones"] = ["vgg16"]
+    params["weights"]["paths"] = {"vgg16": str(notes)}
+    env = {**os.environ, "TRANSFERLAB_CACHE": str(tmp_path / "cache"), "KERAS_HOME": str(tmp_path / "no-keras")}
+    repo = pipeline_repo(tmp_path / "repo", params, env)
+    done = subprocess.run(["dvc", "repro", "weights@vgg16"], cwd=repo, env=env, capture_output=True, text=True)
+    assert done.returncode != 0
+    (line,) = [x for x in done.stderr.splitlines() if x.startswith("error: weights.paths")]
+    assert line.startswith(f"error: weights.paths.vgg16: {notes} cannot be loaded as vgg16 notop weights: OSError")
+    assert "Traceback" not in done.stdout + done.stderr
+    assert not (repo / "models/weights/vgg16").exists() and not (tmp_path / "cache").exists()  # no fallback
 
 
 # --- ResNet50 and InceptionV3 from a user's file, end to end -------------------------------------------
@@ -118,12 +135,13 @@ def _assert_parity_and_frozen_batchnorm(repo, name, size, boundary, user_model):
     head = train.head_for(base, 2, yaml.safe_load((repo / "params.yaml").read_text())["head"], 0)
     full = train.end_to_end(base, head, "avg")
     full.load_weights(repo / f"runs/finetune_top/{name}-native/model.weights.h5")
-    names = [layer.name for layer in base.layers]
-    above = names.index(boundary) + 1
-    changed = {layer.name for layer in base.layers if layer.weights and any(
-        not np.array_equal(a, b) for a, b in zip(layer.get_weights(), user_model.get_layer(layer.name).get_weights()))}
-    assert not any(isinstance(base.get_layer(n), keras.layers.BatchNormalization) for n in changed)
-    assert changed and all(names.index(n) >= above for n in changed)
+    above = [layer.name for layer in base.layers].index(boundary) + 1
+    changed = [  # positions, not names: InceptionV3's auto-named layers are numbered per process
+        (i, layer) for i, (layer, start) in enumerate(zip(base.layers, user_model.layers, strict=True))
+        if any(not np.array_equal(a, b) for a, b in zip(layer.get_weights(), start.get_weights()))
+    ]
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for _, layer in changed)
+    assert changed and all(i >= above for i, _ in changed)
 
 
 @pytest.mark.slow
