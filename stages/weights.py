@@ -1,8 +1,8 @@
 """DVC stage: resolve one backbone's pretrained weights into models/weights/<backbone>.
 
 Usage: python stages/weights.py <backbone>
-Exits non-zero only with weights.missing: error; otherwise a missing backbone is recorded
-as "weights unavailable" for later stages to skip and name.
+Exits non-zero when a file named in weights.paths cannot be used, or with weights.missing: error;
+otherwise a missing backbone is recorded as "weights unavailable" for later stages to skip and name.
 """
 import argparse
 import sys
@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     params = load_for_stage("weights", ROOT / "params.yaml")["weights"]
     try:
         identity = weights.resolve(backbones.get(args.backbone), params, ROOT / "models" / "weights" / args.backbone)
-    except weights.WeightsUnavailable as error:
-        print(error, file=sys.stderr)
+    except (weights.WeightsUnavailable, weights.WeightsFileError) as error:
+        print(f"error: {error}", file=sys.stderr)
         return 1
     print(summary(identity))
     if identity["message"]:

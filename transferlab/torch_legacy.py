@@ -13,6 +13,7 @@ int64 element count followed by the storage's raw little-endian bytes.
 from __future__ import annotations
 
 import collections
+import math
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -110,6 +111,8 @@ def _restricted_load(f):
 
 def _materialise(t: _PendingTensor, storages: dict[str, np.ndarray]) -> np.ndarray:
     flat = storages[t.storage.key][t.storage.offset : t.storage.offset + t.storage.numel]
+    if len(t.size) != len(t.stride) or any(n < 0 for n in t.size):
+        raise ValueError(f"tensor of size {t.size} with stride {t.stride} is malformed")
     if any(n == 0 for n in t.size):
         return np.zeros(t.size, flat.dtype)
     if t.offset < 0 or any(s < 0 for s in t.stride):
@@ -117,6 +120,9 @@ def _materialise(t: _PendingTensor, storages: dict[str, np.ndarray]) -> np.ndarr
     last = t.offset + sum((n - 1) * s for n, s in zip(t.size, t.stride))
     if last >= flat.size:
         raise ValueError(f"tensor of size {t.size} stride {t.stride} runs past its storage ({flat.size} elements)")
+    if (numel := math.prod(t.size)) > flat.size:  # stride-0 expansion: a few stored bytes would become a huge array
+        raise ValueError(f"tensor of size {t.size} stride {t.stride} has {numel} elements, "
+                         f"more than its storage holds ({flat.size})")
     view = np.lib.stride_tricks.as_strided(
         flat[t.offset :], shape=t.size, strides=tuple(s * flat.itemsize for s in t.stride), writeable=False
     )

