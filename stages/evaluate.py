@@ -2,17 +2,18 @@
 
 Each run is scored with exactly the preprocessing, input size, weights and manifest it was
 trained with; a mismatch is refused, naming both records. Test metrics go into the MLflow
-run that trained the model, into results/eval/ and into reports/ (tables, audit, plots).
+run that trained the model, into results/eval/, into results/metrics/ (one flat file per scored run, for `dvc metrics`)
+and into reports/ (tables, audit, plots; the per-epoch curves and confusion inputs for `dvc plots`).
 """
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from transferlab import backbones, data, features, files, metrics, provenance, report, tracking, train  # noqa: E402
+from transferlab import (backbones, data, dvcfiles, features, files, metrics, provenance, report,  # noqa: E402
+                         tracking, train)
 
 def test_logits(record: dict, run_dir: Path, manifest: pd.DataFrame, n_classes: int):
     """(ids, labels, logits) on the test split, after checking the inputs match the training record."""
@@ -71,12 +72,7 @@ def main() -> None:
                   f"[{run['metrics']['accuracy_ci95'][0]:.3f}, {run['metrics']['accuracy_ci95'][1]:.3f}]")
         runs.append(run)
     report.write(runs, Path("reports"))
-    files.write_json(Path("reports/metrics.json"), {
-        r["record"]["run_name"]: ({k: round(float(np.asarray(r["metrics"][k])), 4)
-                                   for k in ("accuracy", "balanced_accuracy", "macro_f1", "majority_class_accuracy")}
-                                  if r["metrics"] else {"weights_unavailable": 1})
-        for r in runs})
-
+    dvcfiles.write(runs, Path("results/metrics"), Path("reports/plots"))
 
 if __name__ == "__main__":
     main()
