@@ -2,8 +2,8 @@
 
 Each run is scored with exactly the preprocessing, input size, weights and manifest it was
 trained with; a mismatch is refused, naming both records. Test metrics go into the MLflow
-run that trained the model, into results/eval/, into results/metrics/ (one flat file per scored run, for `dvc metrics`)
-and into reports/ (tables, audit, plots; the per-epoch curves and confusion inputs for `dvc plots`).
+run that trained the model, into results/eval/, into results/metrics/ (the DVC metrics: one flat
+file per scored run) and into reports/ (tables, audit, plots, and the tables `dvc plots` draws).
 """
 import sys
 from pathlib import Path
@@ -73,6 +73,7 @@ def main() -> None:
         runs.append(run)
     report.write(runs, Path("reports"))
     dvcfiles.write(runs, Path("results/metrics"), Path("reports/plots"))
+
 
 if __name__ == "__main__":
     main()

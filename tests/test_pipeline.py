@@ -121,6 +121,19 @@ def test_dvc_metrics_show_is_one_row_per_scored_run_with_the_same_keys(repo):
     assert len(table) == 2 + len(RUNS) and table[0].count("|") - 1 == 1 + len(dvcfiles.KEYS)
 
 
+def test_exp_show_with_the_readmes_patterns_is_a_column_pair_per_run(repo):
+    """README's `dvc exp show --only-changed` patterns: dependency hashes and the secondary metrics go."""
+    repo, env = repo
+    readme = (ROOT / "README.md").read_text()
+    drop = ["(stages|transferlab|data|models|features|runs)(/|$)|results/selftest", ".*:(?!(balanced_)?accuracy$)"]
+    assert f"dvc exp show --only-changed --drop '{drop[0]}' --drop '{drop[1]}'" in readme
+    table = sh("dvc", "exp", "show", "--only-changed", "--md", *(a for d in drop for a in ("--drop", d)),
+               cwd=repo, env=env)
+    header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
+    assert sorted(header) == sorted(["Experiment", "Created", *(f"results/metrics/{run}.json:{key}" for run in RUNS
+                                                                 for key in ("accuracy", "balanced_accuracy"))])
+
+
 def test_dvc_plots_group_the_curves_by_run_and_draw_a_confusion_matrix_per_run(repo):
     repo, env = repo
     plots = json.loads(sh("dvc", "plots", "show", "--json", cwd=repo, env=env))["data"]

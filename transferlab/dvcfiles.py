@@ -26,7 +26,7 @@ DIGITS = 4
 
 
 def run_metrics(record: dict, metrics: dict) -> dict:
-    """One scored run's flat metrics, KEYS in order (val_accuracy None if training did not record it)."""
+    """One scored run's flat metrics under KEYS (val_accuracy None if training did not record it)."""
     lo, hi = metrics["accuracy_ci95"]
     values = {**metrics, "accuracy_ci95_lo": lo, "accuracy_ci95_hi": hi, "val_accuracy": record.get("val_accuracy")}
     return {k: None if values[k] is None else round(float(values[k]), DIGITS) for k in KEYS}
