@@ -8,8 +8,8 @@ Items 1-3 come from the experiments named ``pitfall-<setting>-s<seed>`` that stu
 runs: their ``results/metrics/<method>/<pair>.json`` (one file per scored run: test metrics and
 the last-epoch validation accuracy), as ``dvc exp show --json`` reports them; a run with an output
 folder but no metrics file was not scored (weights unavailable). Every figure is a mean over seeds
-with a 95% t-interval; an effect is the difference from its reference, paired by seed. Item 4 (label alignment) is run here, on the
-cached ``features/<pair>/`` arrays of the workspace. Writes reports/pitfalls.md and the plot.
+with a 95% t-interval; an effect is the difference from its reference, paired by seed. Item 4
+(label alignment) is run here, on the cached ``features/<pair>/`` arrays of the workspace. Writes reports/pitfalls.md and the plot.
 """
 from __future__ import annotations
 
