@@ -9,7 +9,8 @@ runs: their ``results/metrics/<method>/<pair>.json`` (one file per scored run: t
 the last-epoch validation accuracy), as ``dvc exp show --json`` reports them; a run with an output
 folder but no metrics file was not scored (weights unavailable). Every figure is a mean over seeds
 with a 95% t-interval; an effect is the difference from its reference, paired by seed. Item 4
-(label alignment) is run here, on the cached ``features/<pair>/`` arrays of the workspace. Writes reports/pitfalls.md and the plot.
+(label alignment) is run here, on the cached ``features/<pair>/`` arrays of the workspace. Writes
+reports/pitfalls.md and the plot.
 """
 from __future__ import annotations
 
