@@ -486,8 +486,8 @@ def markdown(experiments, prep, frozen, bn_at_bs1, tuned, alignment, seeds_used)
     lines += ["## 3. Fine-tuned (`finetune_top`) vs bottleneck", "",
               f"Fine-tuned = `finetune_top/{BN_NET}-native` (cut `finetune.cut_point`); 'vs bottleneck' is "
               "fine-tuned − the same experiment's bottleneck head; 'effect' is fine-tuned − the reference "
-              "setting's fine-tuned, paired by seed. Validation accuracy is DVCLive's last epoch "
-              f"(`results/finetune_top/<pair>/metrics.json`).", ""]
+              "setting's fine-tuned, paired by seed. Validation accuracy is the last epoch's "
+              f"(`val_accuracy` in `results/metrics/finetune_top/<pair>.json`).", ""]
     body = []
     for r in tuned:
         if not r["tuned"]["n"] and r["setting"].startswith("vgg16-"):
