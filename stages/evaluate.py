@@ -3,7 +3,8 @@
 Each run is scored with exactly the preprocessing, input size, weights and manifest it was
 trained with; a mismatch is refused, naming both records. Every run's inputs are checked
 and scored before anything is written or logged, so a refusal leaves no partial evaluation.
-Test metrics go into results/eval/, reports/ (tables, audit, plots) and the MLflow run that
+Test metrics go into results/eval/, results/metrics/ (the DVC metrics: one flat file per scored
+run), reports/ (tables, audit, plots, and the tables `dvc plots` draws) and the MLflow run that
 trained the model, with its figures; the reports also go into the MLflow run of this
 `dvc repro`'s group.
 """
@@ -12,10 +13,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from transferlab import backbones, data, features, files, metrics, provenance, report, tracking, train  # noqa: E402
+from transferlab import (backbones, data, dvcfiles, features, files, metrics, provenance, report,  # noqa: E402
+                         tracking, train)
 from transferlab.params import load_for_stage  # noqa: E402
 
 
@@ -79,11 +80,7 @@ def main() -> None:
     urls = tracking.link_runs(runs)
     report.write(runs, Path("reports"), urls)
     tracking.log_evaluation(runs, Path("reports"), Path("results/eval"))
-    files.write_json(Path("reports/metrics.json"), {
-        r["record"]["run_name"]: ({k: round(float(np.asarray(r["metrics"][k])), 4)
-                                   for k in ("accuracy", "balanced_accuracy", "macro_f1", "majority_class_accuracy")}
-                                  if r["metrics"] else {"weights_unavailable": 1})
-        for r in runs})
+    dvcfiles.write(runs, Path("results/metrics"), Path("reports/plots"))
     print(f"MLflow (`mlflow ui`): this run group {urls['group']}\n  all training runs {urls['runs']}")
 
 

@@ -25,15 +25,19 @@ dvc exp run --temp --name "$name" -S data.source=folder -S "data.folder=$folder"
   -S 'extract.backbones=[vgg16]' -S 'extract.preprocessing=[native]' -S 'finetune.methods=[]' \
   -S head.units=0 -S head.dropout=0 "$@"
 
-# the experiment's reports/metrics.json and params, as `dvc exp show` holds them
+# the experiment's per-run metrics files (results/metrics/) and params, as `dvc exp show` holds them
 read -r -d '' summary <<'PY' || true
 import json, sys
 name = sys.argv[1]
 (rev,) = [rev for baseline in json.load(sys.stdin) for exp in baseline.get("experiments") or []
           for rev in exp.get("revs") or [] if rev.get("name") == name]
-metrics = rev["data"]["metrics"]["reports/metrics.json"]["data"]
+prefix = "results/metrics/"
+metrics = {path[len(prefix):-len(".json")]: content.get("data") or content
+           for path, content in rev["data"]["metrics"].items() if path.startswith(prefix)}
 params = rev["data"]["params"]["params.yaml"]["data"]
 size = params["extract"]["input_size"]["vgg16"]
+if not metrics:
+    sys.exit(f"{name}: no run was scored (weights unavailable?); see the stage output above")
 for run, m in metrics.items():
     if "accuracy" not in m:
         sys.exit(f"{name}: {run} has no result ({m}); see its stage output above")

@@ -5,11 +5,12 @@ Usage (from the repository root; study/pitfalls.sh calls it after the grid):
     python study/pitfalls_report.py [--exp-json FILE] [--all-commits] [--no-experiments]
 
 Items 1-3 come from the experiments named ``pitfall-<setting>-s<seed>`` that study/pitfalls.sh
-runs: their ``reports/metrics.json`` (test metrics per run name) and DVCLive's
-``results/<method>/<pair>/metrics.json`` (last-epoch validation accuracy), as ``dvc exp show
---json`` reports them. Every figure is a mean over seeds with a 95% t-interval; an effect is the
-difference from its reference, paired by seed. Item 4 (label alignment) is run here, on the
-cached ``features/<pair>/`` arrays of the workspace. Writes reports/pitfalls.md and the plot.
+runs: their ``results/metrics/<method>/<pair>.json`` (one file per scored run: test metrics and
+the last-epoch validation accuracy), as ``dvc exp show --json`` reports them; a run with an output
+folder but no metrics file was not scored (weights unavailable). Every figure is a mean over seeds
+with a 95% t-interval; an effect is the difference from its reference, paired by seed. Item 4
+(label alignment) is run here, on the cached ``features/<pair>/`` arrays of the workspace. Writes
+reports/pitfalls.md and the plot.
 """
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ from transferlab.tracking import flatten  # noqa: E402
 EXP_NAME = re.compile(r"^pitfall-(?P<setting>.+)-s(?P<seed>\d+)$")
 BN_NET = "efficientnet_lite0"  # the BatchNorm network with offline weights (VGG16 has no BatchNorm)
 SEED_KEY = "train.seed"
+RUN_METRICS = re.compile(r"results/metrics/(?P<run>[^/]+/[^/]+)\.json")  # written by evaluate, one per scored run
+RUN_OUTPUT = re.compile(r"runs/(?P<run>[^/]+/[^/]+)")  # a training stage's output folder, one per defined run
 
 
 # ---------------------------------------------------------------- statistics
@@ -110,25 +113,28 @@ def parse_exp_show(rows: list) -> tuple[pd.DataFrame, dict]:
                     continue
                 experiments[name] = {"setting": match["setting"], "seed": int(match["seed"]),
                                      "params": _params(data), "baseline_params": baseline,
-                                     "timestamp": data.get("timestamp"), "metrics": data.get("metrics") or {}}
+                                     "timestamp": data.get("timestamp"), "metrics": data.get("metrics") or {},
+                                     "outs": data.get("outs") or {}}
     records = []
     for name, exp in sorted(experiments.items()):
-        files = exp.pop("metrics")
-        test = (files.get("reports/metrics.json") or {}).get("data") or {}
-        val = {}
-        for path, content in files.items():  # DVCLive: results/<method>/<pair>/metrics.json, eval = validation
-            m = re.fullmatch(r"results/(.+/.+)/metrics\.json", path)
-            if m and isinstance((content.get("data") or {}).get("eval"), dict):
-                val[m[1]] = content["data"]["eval"].get("accuracy")
-        for run in sorted(set(test) | set(val)):
-            scores = test.get(run) or {}
+        scores = {m["run"]: (content.get("data") or {}) for path, content in exp.pop("metrics").items()
+                  if (m := RUN_METRICS.fullmatch(path))}
+        # every run the experiment defined has an output folder; one without a metrics file was not
+        # scored, which the pipeline only does when the backbone's weights are unavailable
+        defined = {m["run"] for path in exp.pop("outs") if (m := RUN_OUTPUT.fullmatch(path))}
+        for run in sorted(set(scores) | defined):
+            values = scores.get(run) or {}
             records.append({"experiment": name, "setting": exp["setting"], "seed": exp["seed"], "run": run,
-                            **{k: scores.get(k, math.nan) for k in ("accuracy", "balanced_accuracy", "macro_f1")},
-                            "val_accuracy": val.get(run, math.nan),
-                            "unavailable": bool(scores.get("weights_unavailable"))})
+                            **{k: _number(values.get(k)) for k in ("accuracy", "balanced_accuracy", "macro_f1",
+                                                                   "val_accuracy")},
+                            "unavailable": run not in scores})
     columns = ["experiment", "setting", "seed", "run", "accuracy", "balanced_accuracy", "macro_f1",
                "val_accuracy", "unavailable"]
     return pd.DataFrame(records, columns=columns), experiments
+
+
+def _number(value) -> float:
+    return math.nan if value is None else float(value)
 
 
 def load_exp_show(path: str | None, all_commits: bool) -> list:
@@ -487,8 +493,8 @@ def markdown(experiments, prep, frozen, bn_at_bs1, tuned, alignment, seeds_used)
     lines += ["## 3. Fine-tuned (`finetune_top`) vs bottleneck", "",
               f"Fine-tuned = `finetune_top/{BN_NET}-native` (cut `finetune.cut_point`); 'vs bottleneck' is "
               "fine-tuned − the same experiment's bottleneck head; 'effect' is fine-tuned − the reference "
-              "setting's fine-tuned, paired by seed. Validation accuracy is DVCLive's last epoch "
-              f"(`results/finetune_top/<pair>/metrics.json`).", ""]
+              "setting's fine-tuned, paired by seed. Validation accuracy is the last epoch's "
+              f"(`val_accuracy` in `results/metrics/finetune_top/<pair>.json`).", ""]
     body = []
     for r in tuned:
         if not r["tuned"]["n"] and r["setting"].startswith("vgg16-"):

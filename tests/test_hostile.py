@@ -99,11 +99,17 @@ def test_scratch_leftovers_do_not_change_what_dvc_hashes(repo):
         (repo / "features/vgg16-native/meta.json.tmp").unlink()
 
 
+def results_bytes(repo) -> dict:
+    """What evaluate wrote: the DVC metrics files and the report, byte for byte."""
+    return {p: p.read_bytes() for p in [*sorted((repo / "results/metrics").rglob("*.json")),
+                                        repo / "reports/results.md"]}
+
+
 def test_swapped_test_features_are_refused_before_anything_is_logged(repo):
     repo, env = repo
     pooled = repo / "features/vgg16-native/test/pooled.npy"
     original = pooled.read_bytes()
-    reports = (repo / "reports/metrics.json").read_bytes()
+    reports = results_bytes(repo)
     logged = {r.info.run_id: len(client(env).get_metric_history(r.info.run_id, "test_accuracy"))
               for r in runs_named(env, HEAD) + runs_named(env, "finetune_top/vgg16-native")}
     x = np.load(pooled)
@@ -114,7 +120,7 @@ def test_swapped_test_features_are_refused_before_anything_is_logged(repo):
         pooled.write_bytes(original)
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert f"{pooled.relative_to(repo)} changed after extraction: its sha256 is " in out.stderr
-    assert (repo / "reports/metrics.json").read_bytes() == reports
+    assert results_bytes(repo) == reports
     assert logged == {r: len(client(env).get_metric_history(r, "test_accuracy")) for r in logged}
 
 
@@ -127,7 +133,7 @@ def test_an_edited_record_is_refused_even_with_its_old_fingerprint(repo):
         record = json.loads(original)
         record["preprocessing"]["mean"] = [0.0, 0.0, 0.0]
         record_file.write_text(json.dumps(record))
-        results = (repo / "reports/metrics.json").read_bytes()
+        results = results_bytes(repo)
         try:
             out = run(sys.executable, *stage, cwd=repo, env=env, check=False)
         finally:
@@ -135,7 +141,7 @@ def test_an_edited_record_is_refused_even_with_its_old_fingerprint(repo):
         assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
         assert (f"{path}: the stored preprocessing_fingerprint '{record['preprocessing_fingerprint']}' does not "
                 "match the fingerprint '") in out.stderr
-        assert (repo / "reports/metrics.json").read_bytes() == results  # evaluate: all or nothing
+        assert results_bytes(repo) == results  # evaluate: all or nothing
 
 
 def test_killed_training_leaves_no_partial_output_and_its_run_is_marked_killed(repo):

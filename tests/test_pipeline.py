@@ -14,6 +14,8 @@ import pytest
 import yaml
 from helpers import ROOT, make_image_tree
 
+from transferlab import dvcfiles
+
 RUNS = ["train_head/vgg16-native", "train_head/vgg16-rescale", "frozen_end_to_end/vgg16-native",
         "finetune_top/vgg16-native"]
 
@@ -43,6 +45,7 @@ def repo(tmp_path_factory):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow-test.db'}"}
     sh("git", "init", "-q", cwd=repo)
     sh("dvc", "init", "-q", cwd=repo)
+    shutil.copytree(ROOT / ".dvc/plots", repo / ".dvc/plots")  # the by_run plot template
     sh("git", "add", "-A", cwd=repo)
     sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init", cwd=repo)
     sh("dvc", "repro", cwd=repo, env=env)
@@ -120,12 +123,53 @@ def test_frozen_end_to_end_reproduces_train_head(repo):
     assert parity["parity_val_accuracy_diff"] == 0.0
 
 
-def test_dvc_sees_the_metrics_and_plots(repo):
+def test_dvc_metrics_show_is_one_row_per_scored_run_with_the_same_keys(repo):
     repo, env = repo
-    metrics = json.loads(sh("dvc", "metrics", "show", "--json", cwd=repo, env=env))
-    text = json.dumps(metrics)
-    assert "reports/metrics.json" in text and "results/train_head/vgg16-native/metrics.json" in text
-    assert (repo / "results/train_head/vgg16-native/plots/metrics/eval/accuracy.tsv").exists()
+    files = json.loads(sh("dvc", "metrics", "show", "--json", cwd=repo, env=env))[""]["data"]
+    assert sorted(files) == sorted(f"results/metrics/{run}.json" for run in RUNS)  # no timings, no DVCLive
+    keys = {path: sorted(content["data"]) for path, content in files.items()}
+    assert all(k == sorted(dvcfiles.KEYS) for k in keys.values()), keys  # 7 columns + the path
+    head = files["results/metrics/train_head/vgg16-native.json"]["data"]
+    evaluated = read(repo, "results/eval/train_head/vgg16-native/metrics.json")
+    assert head["accuracy"] == round(evaluated["accuracy"], 4)
+    assert [head["accuracy_ci95_lo"], head["accuracy_ci95_hi"]] == [round(v, 4) for v in evaluated["accuracy_ci95"]]
+    table = sh("dvc", "metrics", "show", "--md", cwd=repo, env=env).strip().splitlines()
+    assert len(table) == 2 + len(RUNS) and table[0].count("|") - 1 == 1 + len(dvcfiles.KEYS)
+
+
+def test_exp_show_with_the_readmes_patterns_is_a_column_pair_per_run(repo):
+    """README's `dvc exp show --only-changed` patterns: dependency hashes and the secondary metrics go."""
+    repo, env = repo
+    readme = (ROOT / "README.md").read_text()
+    drop = ["(stages|transferlab|data|models|features|runs)(/|$)|results/selftest", ".*:(?!(balanced_)?accuracy$)"]
+    assert f"dvc exp show --only-changed --drop '{drop[0]}' --drop '{drop[1]}'" in readme
+    table = sh("dvc", "exp", "show", "--only-changed", "--md", *(a for d in drop for a in ("--drop", d)),
+               cwd=repo, env=env)
+    header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
+    assert sorted(header) == sorted(["Experiment", "Created", *(f"results/metrics/{run}.json:{key}" for run in RUNS
+                                                                 for key in ("accuracy", "balanced_accuracy"))])
+
+
+def test_dvc_plots_group_the_curves_by_run_and_draw_a_confusion_matrix_per_run(repo):
+    repo, env = repo
+    plots = json.loads(sh("dvc", "plots", "show", "--json", cwd=repo, env=env))["data"]
+    assert sorted(plots) == sorted(["reports/plots/accuracy.csv", "accuracy_by_epoch", "loss_by_epoch",
+                                    *(f"reports/plots/confusion/{run}.csv" for run in RUNS)])
+    for figure, field in (("accuracy_by_epoch", "accuracy"), ("loss_by_epoch", "loss")):
+        (render,) = plots[figure]
+        points = render["content"]["data"]["values"]
+        assert render["content"]["spec"]["encoding"]["color"]["field"] == "run"
+        assert {p["run"] for p in points} == set(RUNS) and {p["split"] for p in points} == {"train", "val"}
+        history = pd.read_csv(repo / "runs/train_head/vgg16-native/history.csv")
+        val = [float(p[field]) for p in points if p["run"] == "train_head/vgg16-native" and p["split"] == "val"]
+        assert val == pytest.approx(history[f"val_{field}"].tolist(), rel=1e-5)
+    predictions = pd.read_csv(repo / "results/eval/finetune_top/vgg16-native/predictions.csv")
+    (render,) = plots["reports/plots/confusion/finetune_top/vgg16-native.csv"]
+    pairs = sorted((p["actual"], p["predicted"]) for p in render["content"]["data"]["values"])
+    classes = ["a", "b", "c"]
+    assert pairs == sorted(zip([classes[i] for i in predictions["label"]], [classes[i] for i in predictions["pred"]]))
+    assert (repo / "results/train_head/vgg16-native/plots/metrics/eval/accuracy.tsv").exists()  # DVCLive's own files
+    assert (repo / "results/extract_features/vgg16-native.json").exists()  # the extraction speed: a file
     assert (repo / "reports/plots/comparison.png").stat().st_size > 5000
 
 

@@ -73,15 +73,16 @@ def merge(*dicts):
     return out
 
 
-def rev(name, timestamp, params, test, live=None, error=None):
-    metrics = {"reports/metrics.json": {"data": test}}
-    for run, val in (live or {}).items():
-        metrics[f"results/{run}/metrics.json"] = {"data": {"train": {"accuracy": 0.9, "loss": 0.3},
-                                                           "eval": {"accuracy": val, "loss": 0.5}, "step": 1}}
-    metrics["results/missing/metrics.json"] = {
+def rev(name, timestamp, params, test, live=None, error=None, unavailable=()):
+    """An experiment as `dvc exp show --json` gives it: evaluate's file per scored run, an output folder per run."""
+    metrics = {f"results/metrics/{run}.json": {"data": {**values, "val_accuracy": (live or {}).get(run)}}
+               for run, values in test.items()}
+    metrics["results/metrics/missing/run.json"] = {
         "error": {"type": "FileNotFoundError", "msg": "No storage files available"}}
+    outs = {f"runs/{run}": {"hash": "0" * 32, "use_cache": True} for run in [*test, *unavailable]}
+    outs["results/eval"] = {"hash": "0" * 32, "use_cache": True}
     data = {"rev": "f" * 40, "timestamp": timestamp, "params": {"params.yaml": {"data": params}},
-            "metrics": metrics, "deps": {}, "outs": {}, "meta": {}}
+            "metrics": metrics, "deps": {}, "outs": outs, "meta": {}}
     return {"revs": [{"rev": "f" * 40, "name": name, "data": data, "error": error, "experiments": None}],
             "executor": None, "name": name}
 
@@ -92,9 +93,7 @@ def scores(acc):
 
 def experiment(setting, seed, extra, frozen, head, tuned=None, val=None, timestamp="2026-11-24T09:00:00"):
     test = {f"train_head/{L}-native": scores(head), f"train_head/{L}-rescale": scores(head - 0.02),
-            "train_head/vgg16-native": scores(0.73), "train_head/vgg16-rescale": scores(0.70 + seed / 100),
-            "train_head/resnet50-native": {"weights_unavailable": 1},
-            "train_head/resnet50-rescale": {"weights_unavailable": 1}}
+            "train_head/vgg16-native": scores(0.73), "train_head/vgg16-rescale": scores(0.70 + seed / 100)}
     live = {}
     if frozen is not None:
         test[f"frozen_end_to_end/{L}-native"] = scores(frozen)
@@ -102,7 +101,8 @@ def experiment(setting, seed, extra, frozen, head, tuned=None, val=None, timesta
         test[f"finetune_top/{L}-native"] = scores(tuned)
         live[f"finetune_top/{L}-native"] = val
     params = merge(BASE, STUDY, {"train": {"seed": seed}}, extra)
-    return rev(f"pitfall-{setting}-s{seed}", timestamp, params, test, live)
+    return rev(f"pitfall-{setting}-s{seed}", timestamp, params, test, live,
+               unavailable=["train_head/resnet50-native", "train_head/resnet50-rescale"])
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +137,8 @@ def test_parse_exp_show_reads_pitfall_experiments_only(exp_show):
     assert pr.by_seed(table, "correct", f"finetune_top/{L}-native", "val_accuracy") == {0: 0.78, 1: 0.78, 2: 0.78}
     assert pr.unavailable(table, "train_head/resnet50-native")
     assert not pr.unavailable(table, f"train_head/{L}-native")
-    assert "results/missing/metrics.json" not in set(table["run"])
+    assert "missing/run" in set(table["run"]) and not pr.unavailable(table, "missing/run")  # unreadable, not absent
+    assert "results/eval" not in set(table["run"])
 
 
 def test_changes_study_wide_settings_and_commands(exp_show):

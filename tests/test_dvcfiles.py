@@ -1,0 +1,46 @@
+"""The files DVC reads: a flat metrics file per scored run, long per-epoch curves, confusion pairs."""
+import json
+
+import numpy as np
+import pandas as pd
+
+from transferlab import dvcfiles, metrics
+
+
+def scored(name, y_true, y_pred, val_accuracy=0.5):
+    history = pd.DataFrame({"epoch": [1, 2], "loss": [0.9, 0.7], "accuracy": [0.5, 0.6],
+                            "val_loss": [1.0, 0.8], "val_accuracy": [0.4, val_accuracy]})
+    return {"record": {"run_name": name, "val_accuracy": val_accuracy},
+            "metrics": metrics.compute(y_true, y_pred, ["good", "cracked", "dark"], bootstrap=100),
+            "history": history}
+
+
+def test_one_flat_file_per_scored_run_and_nothing_stale(tmp_path):
+    y_true, y_pred = np.array([0, 0, 0, 1, 1, 2]), np.array([0, 0, 1, 1, 2, 2])
+    runs = [scored("train_head/vgg16-native", y_true, y_pred),
+            scored("finetune_top/vgg16-native", y_true, y_true, val_accuracy=0.75),
+            {"record": {"run_name": "train_head/resnet50-native", "status": "unavailable"},
+             "metrics": None, "history": None}]
+    stale = tmp_path / "metrics" / "train_head" / "old-run.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("{}")
+    dvcfiles.write(runs, tmp_path / "metrics", tmp_path / "plots")
+
+    written = sorted(p.relative_to(tmp_path / "metrics").as_posix() for p in (tmp_path / "metrics").rglob("*.json"))
+    assert written == ["finetune_top/vgg16-native.json", "train_head/vgg16-native.json"]  # no row when unavailable
+    head = json.loads((tmp_path / "metrics/train_head/vgg16-native.json").read_text())
+    assert list(head) == sorted(dvcfiles.KEYS)
+    assert head["accuracy"] == round(4 / 6, 4) and head["majority_class_accuracy"] == 0.5
+    assert head["accuracy_ci95_lo"] <= head["accuracy"] <= head["accuracy_ci95_hi"]
+    assert json.loads((tmp_path / "metrics/finetune_top/vgg16-native.json").read_text())["val_accuracy"] == 0.75
+
+    pairs = pd.read_csv(tmp_path / "plots/confusion/train_head/vgg16-native.csv")
+    names = np.array(["good", "cracked", "dark"])
+    assert sorted(zip(pairs["actual"], pairs["predicted"])) == sorted(zip(names[y_true], names[y_pred]))
+    assert not (tmp_path / "plots/confusion/train_head/resnet50-native.csv").exists()
+
+    curves = pd.read_csv(tmp_path / "plots/curves.csv")
+    assert len(curves) == 2 * 2 * 2  # two runs with a history x train/val x two epochs
+    val = curves[(curves["run"] == "finetune_top/vgg16-native") & (curves["split"] == "val")]
+    assert val["epoch"].tolist() == [1, 2] and val["accuracy"].tolist() == [0.4, 0.75]
+    assert val["loss"].tolist() == [1.0, 0.8]
