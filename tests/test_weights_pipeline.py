@@ -36,6 +36,7 @@ def test_dvc_run_cache_never_restores_corrupted_weights(tmp_path):
     env = {**os.environ, "TRANSFERLAB_CACHE": str(cache), "KERAS_HOME": str(tmp_path / "no-keras")}
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["extract"]["backbones"] = ["vgg16"]
+    params["finetune"]["backbones"] = ["vgg16"]
     repo = pipeline_repo(tmp_path / "repo", params, env)
     pin = backbones.get("vgg16").imagenet_checksums["notop"]
 
@@ -61,6 +62,7 @@ def test_a_broken_weights_paths_file_stops_the_stage_with_one_line(tmp_path):
     notes.write_text("not weights\n")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["extract"]["backbones"] = ["vgg16"]
+    params["finetune"]["backbones"] = ["vgg16"]
     params["weights"]["paths"] = {"vgg16": str(notes)}
     env = {**os.environ, "TRANSFERLAB_CACHE": str(tmp_path / "cache"), "KERAS_HOME": str(tmp_path / "no-keras")}
     repo = pipeline_repo(tmp_path / "repo", params, env)
