@@ -8,6 +8,7 @@ checked to reproduce ``images.resize`` + ``backbones.normalise`` bit for bit.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import zipfile
@@ -191,8 +192,8 @@ def register(model: keras.Model, meta: dict, record: dict, name: str, example: n
     mlflow.set_experiment(tracking.EXPERIMENT)
     client = mlflow.MlflowClient()
     tags = version_tags(meta)
-    existing = [v for v in client.search_model_versions(f"name = '{name}'")
-                if all(v.tags.get(k) == tags[k] for k in ("source_run", "preprocessing_fingerprint"))]
+    existing = client.search_model_versions(f"name = '{name}' and tags.source_run = '{tags['source_run']}' and "
+                                            f"tags.preprocessing_fingerprint = '{tags['preprocessing_fingerprint']}'")
     if existing:
         version = min(existing, key=lambda v: int(v.version))
     else:
@@ -211,14 +212,20 @@ def register(model: keras.Model, meta: dict, record: dict, name: str, example: n
             "reused_existing_version": bool(existing), "tracking_uri": tracking.tracking_uri()}
 
 
+@contextlib.contextmanager
 def _training_run(mlflow, client, record: dict):
+    """The training run, reopened with its end time and status put back (its duration stays honest)."""
     try:
-        client.get_run(record.get("mlflow_run_id"))
-        return mlflow.start_run(run_id=record["mlflow_run_id"])
+        previous = client.get_run(record.get("mlflow_run_id")).info
     except Exception:  # the training run lives in another store: a linked run keeps the model and the link
-        return mlflow.start_run(run_name=f"export/{record['run_name']}",
-                                tags={**tracking.identity_tags(record),
-                                      "linked_training_run": str(record.get("mlflow_run_id"))})
+        with mlflow.start_run(run_name=f"export/{record['run_name']}",
+                              tags={**tracking.identity_tags(record),
+                                    "linked_training_run": str(record.get("mlflow_run_id"))}) as active:
+            yield active
+        return
+    with mlflow.start_run(run_id=previous.run_id) as active:
+        yield active
+    client.set_terminated(previous.run_id, previous.status, previous.end_time)
 
 
 def example_image(split_dir: Path) -> np.ndarray:
