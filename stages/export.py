@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from transferlab import data, export, files  # noqa: E402
+from transferlab import data, export, files, provenance  # noqa: E402
 
 
 def main() -> None:
@@ -21,16 +21,13 @@ def main() -> None:
     try:
         found = export.candidates(Path("runs"), Path("results/eval"))
         chosen = export.choose(found, cfg["run"])
-    except export.ExportError as error:
-        raise SystemExit(f"export: {error}") from None
-    record = files.read_json(Path("runs") / chosen["run_name"] / "run.json")
-    export.check_provenance(record, weights_root, split_dir)
-    classes = data.load_classes(split_dir)
-    model = export.build(record, Path("runs") / chosen["run_name"], len(classes), weights_root)
-    try:
+        record = files.read_json(Path("runs") / chosen["run_name"] / "run.json")
+        export.check_provenance(record, weights_root, split_dir)
+        classes = data.load_classes(split_dir)
+        model = export.build(record, Path("runs") / chosen["run_name"], len(classes), weights_root)
         equivalence = export.check_equivalence(model, Path("results/eval") / chosen["run_name"] / "predictions.csv",
                                                split_dir, classes, record.get("precision"))
-    except export.ExportError as error:
+    except (export.ExportError, provenance.ProvenanceMismatch) as error:
         raise SystemExit(f"export: {error}") from None
     selection = {"chosen_by": "export.run" if cfg["run"] else "validation accuracy",
                  "rule": export.SELECTION_RULE, "candidates": found}
@@ -43,7 +40,8 @@ def main() -> None:
     print(f"export: {record['run_name']} (validation accuracy {chosen['val_accuracy']:.3f}) -> models/export/, "
           f"{registry['uri']} = version {registry['version']}"
           + (" (existing version reused)" if registry["reused_existing_version"] else "")
-          + f"; test predictions identical to evaluate's (max |Δp| {equivalence['max_abs_probability_diff']:.1e})")
+          + f"; same classes as evaluate on all {equivalence['images']} test images, max |Δ probability| "
+          f"{equivalence['max_abs_probability_diff']:.1e}")
 
 
 if __name__ == "__main__":

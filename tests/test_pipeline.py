@@ -221,7 +221,7 @@ def test_champion_alias_carries_the_identity_and_a_reexport_adds_no_version(repo
     assert again["reused_existing_version"] is True and again["version"] == int(champion.version)
     signature = mlflow.models.get_model_info(f"models:/{name}@champion").signature
     assert signature.inputs.to_dict() == [{"type": "tensor", "name": "images",
-                                          "tensor-spec": {"dtype": "uint8", "shape": [-1, -1, -1, 3]}}]
+                                          "tensor-spec": {"dtype": "uint8", "shape": (-1, -1, -1, 3)}}]
 
 
 def odd_images(folder, source):
