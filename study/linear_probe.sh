@@ -8,8 +8,9 @@
 #   study/linear_probe.sh FOLDER -S extract.input_size.vgg16=224     more `dvc exp run` options
 #   PROBE_NAME=my-probe study/linear_probe.sh FOLDER                  experiment name (default: linear-probe-<time>)
 #
-# It is one `dvc exp run --temp` of the pipeline with only its own params changed, so the workspace,
-# params.yaml and dvc.lock are not touched; `dvc exp show` lists it beside the other experiments.
+# It is one `dvc exp run evaluate --temp` of the pipeline with only its own params changed (up to evaluate: a
+# probe is never exported or registered), so the workspace, params.yaml and dvc.lock are not touched;
+# `dvc exp show` lists it beside the other experiments.
 set -euo pipefail
 if [[ $# -lt 1 || ! -d $1 ]]; then
   echo "usage: study/linear_probe.sh FOLDER [dvc exp run options]  (FOLDER: one subfolder of images per class)" >&2
@@ -21,7 +22,7 @@ cd "$(dirname "$0")/.."
 
 name=${PROBE_NAME:-linear-probe-$(date +%Y%m%d-%H%M%S)}
 export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$PWD/mlflow.db}
-dvc exp run --temp --name "$name" -S data.source=folder -S "data.folder=$folder" \
+dvc exp run evaluate --temp --name "$name" -S data.source=folder -S "data.folder=$folder" \
   -S 'extract.backbones=[vgg16]' -S 'extract.preprocessing=[native]' -S 'finetune.methods=[]' \
   -S head.units=0 -S head.dropout=0 "$@"
 

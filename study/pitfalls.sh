@@ -59,7 +59,7 @@ read -ra study <<<"$STUDY_PARAMS"
 command_for() {  # setting seed -> the dvc command as an array in $cmd
   local extra
   read -ra extra <<<"$(setting_params "$1")"
-  cmd=(dvc exp run --name "pitfall-$1-s$2" -S "train.seed=$2")
+  cmd=(dvc exp run evaluate --name "pitfall-$1-s$2" -S "train.seed=$2")  # not export: no study model becomes the champion
   for p in "${study[@]}" "${extra[@]}"; do cmd+=(-S "$p"); done  # later -S win: setting over study-wide
 }
 

@@ -6,9 +6,14 @@ labelled "not pretrained" wherever a result appears.
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
+import sys
+import time
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -179,7 +184,7 @@ def test_retraining_with_the_same_seed_gives_identical_metrics(repo):
     history = (repo / "runs/train_head/vgg16-native/history.csv").read_text()
     sh("dvc", "repro", "-f", "-s", "train_head@vgg16-native", cwd=repo, env=env)
     assert (repo / "runs/train_head/vgg16-native/history.csv").read_text() == history
-    sh("dvc", "repro", "evaluate", cwd=repo, env=env)
+    sh("dvc", "repro", cwd=repo, env=env)  # evaluate and export: leaves the workspace up to date
     assert read(repo, "results/eval/train_head/vgg16-native/metrics.json") == before
 
 
@@ -199,3 +204,149 @@ def test_linear_probe_runs_as_an_experiment_beside_the_workspace(repo, tmp_path)
     accuracy = run.data.metrics["test_accuracy"]
     assert f"probe-test: train_head/vgg16-native, {repo.parent / 'images'}, input size 32 px" in out
     assert f"test accuracy {accuracy:.3f} (always guessing the largest class: " in out
+
+
+# ---------------------------------------------------------------- export (the trained model as a product)
+
+KERAS_ONLY = """
+import json, sys, keras, numpy as np
+from PIL import Image
+model = keras.saving.load_model(sys.argv[1])
+probs = [model.predict_on_batch(np.asarray(Image.open(p).convert("RGB"))[None])[0].tolist() for p in sys.argv[2:]]
+print(json.dumps(probs))
+"""
+
+
+def evaluated(repo, run):
+    """evaluate's test predictions for one run, with image paths and probabilities."""
+    frame = pd.read_csv(repo / f"results/eval/{run}/predictions.csv", dtype={"id": str})
+    manifest = pd.read_csv(repo / "data/split/manifest.csv", dtype={"id": str}).set_index("id")
+    root = read(repo, "data/split/source.json")["root"]
+    frame["path"] = [os.path.join(root, manifest.loc[i, "path"]) for i in frame["id"]]
+    logits = frame[[c for c in frame if c.startswith("logit_")]].to_numpy(float)
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    return frame, probs / probs.sum(1, keepdims=True)
+
+
+def test_export_picks_the_best_validation_run_and_loads_with_keras_alone(repo, tmp_path):
+    repo, env = repo
+    meta = read(repo, "models/export/model.json")
+    last = {run: pd.read_csv(repo / f"runs/{run}/history.csv").iloc[-1] for run in RUNS}
+    best = min(RUNS, key=lambda r: (-last[r]["val_accuracy"], last[r]["val_loss"], r))
+    assert meta["source_run"] == best and meta["selection"]["chosen_by"] == "validation accuracy"
+    assert meta["classes"] == ["a", "b", "c"] and meta["weights"]["label"] == "not pretrained"
+    run = read(repo, f"runs/{best}/run.json")
+    assert meta["preprocessing"] == run["preprocessing"] and meta["manifest_sha256"] == run["manifest_sha256"]
+    frame, expected = evaluated(repo, best)
+    # no transferlab on the path: the preprocessing is inside the model, nothing else is needed
+    out = sh(sys.executable, "-c", KERAS_ONLY, str(repo / "models/export/model.keras"), *frame["path"],
+             cwd=tmp_path, env={**env, "PYTHONPATH": ""})
+    probs = np.array(json.loads(out.splitlines()[-1]))
+    assert (probs.argmax(1) == frame["pred"].to_numpy()).all()
+    assert np.abs(probs - expected).max() < 1e-4  # batch composition only (README, "Using the trained model")
+    assert meta["equivalence_on_test"]["same_argmax"] == len(frame) > 0
+
+
+def test_saved_model_for_tf_serving_has_the_documented_signature(repo):
+    import tensorflow as tf
+
+    repo, _ = repo
+    loaded = tf.saved_model.load(str(repo / "models/export/saved_model"))
+    serve = loaded.signatures["serving_default"]
+    (spec,) = serve.structured_input_signature[1].values()
+    assert spec.dtype == tf.uint8 and spec.shape.as_list() == [None, None, None, 3]
+    (output,) = serve(tf.zeros([2, 50, 30, 3], tf.uint8)).values()
+    assert output.shape == (2, 3) and np.allclose(output.numpy().sum(1), 1.0, atol=1e-5)
+
+
+def test_champion_alias_carries_the_identity_and_a_reexport_adds_no_version(repo, monkeypatch):
+    repo, env = repo
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])  # the registry follows it
+    client = mlflow.MlflowClient()
+    meta = read(repo, "models/export/model.json")
+    name = meta["mlflow"]["name"]
+    assert name == "transferlab-images"  # the folder's name: one registered model per dataset
+    count = len(client.search_model_versions(f"name = '{name}'"))
+    champion = client.get_model_version_by_alias(name, "champion")
+    run = read(repo, f"runs/{meta['source_run']}/run.json")
+    assert champion.run_id == run["mlflow_run_id"] == champion.tags["source_run"]  # logged to the training run
+    assert champion.tags["preprocessing_fingerprint"] == run["preprocessing_fingerprint"]
+    assert champion.tags["weights_array_checksum"] == run["weights"]["array_checksum"]
+    assert champion.tags["manifest_sha256"] == run["manifest_sha256"]
+    assert champion.tags["weights_pretrained"] == "false"
+    logged = mlflow.get_logged_model(champion.source.removeprefix("models:/"))
+    assert client.get_run(champion.run_id).info.end_time < logged.creation_timestamp  # training time kept
+    sh("dvc", "repro", "-f", "-s", "export", cwd=repo, env=env)
+    assert len(client.search_model_versions(f"name = '{name}'")) == count
+    again = read(repo, "models/export/model.json")["mlflow"]
+    assert again["reused_existing_version"] is True and again["version"] == int(champion.version)
+    signature = mlflow.models.get_model_info(f"models:/{name}@champion").signature
+    assert signature.inputs.to_dict() == [{"type": "tensor", "name": "images",
+                                          "tensor-spec": {"dtype": "uint8", "shape": (-1, -1, -1, 3)}}]
+
+
+def odd_images(folder, source):
+    """The same picture as RGBA (alpha dropped: same pixels), plus grayscale, palette, 16-bit and a broken file."""
+    from PIL import Image
+
+    folder.mkdir()
+    rgb = Image.open(source).convert("RGB")
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(folder / "rgba.png")
+    rgb.convert("L").save(folder / "gray.png")
+    rgb.convert("P").save(folder / "palette.png")
+    Image.fromarray((np.asarray(rgb.convert("L"), np.uint16) * 257)).save(folder / "gray16.png")
+    (folder / "broken.png").write_bytes(b"not an image")
+    return folder
+
+
+def test_predict_command_and_served_model_agree_with_evaluate(repo, tmp_path):
+    import requests
+
+    repo, env = repo
+    meta = read(repo, "models/export/model.json")
+    frame, expected = evaluated(repo, meta["source_run"])
+    odd = odd_images(tmp_path / "odd", frame["path"].iloc[0])
+    csv = tmp_path / "predictions.csv"
+    out = sh(sys.executable, "-m", "transferlab.predict", "models:/transferlab-images@champion",
+             *frame["path"], str(odd), "-o", str(csv), cwd=repo, env=env)
+    assert f"{len(frame) + 4} images predicted" in out and "broken.png: not an image" in out
+    table = pd.read_csv(csv, keep_default_na=False).set_index("path")
+    probs = table.loc[frame["path"], ["p_a", "p_b", "p_c"]].to_numpy(float)
+    assert list(table.loc[frame["path"], "predicted_class"]) == [meta["classes"][i] for i in frame["pred"]]
+    assert np.abs(probs - expected).max() < 1e-4
+    np.testing.assert_allclose(table.loc[str(odd / "rgba.png"), ["p_a", "p_b", "p_c"]].to_numpy(float),
+                               probs[0], atol=1e-6)
+    assert set(table.loc[[str(odd / n) for n in ("gray.png", "palette.png", "gray16.png")], "error"]) == {""}
+    # nothing readable: exit status 1, and the reason is still written
+    failed = subprocess.run([sys.executable, "-m", "transferlab.predict", "models/export", str(odd / "broken.png"),
+                             "-o", str(tmp_path / "none.csv")], cwd=repo, env=env, capture_output=True, text=True)
+    assert failed.returncode == 1 and "not an image" in pd.read_csv(tmp_path / "none.csv")["error"][0]
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(["mlflow", "models", "serve", "-m", "models:/transferlab-images@champion",
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                              cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(240):
+            try:
+                if requests.get(f"{url}/ping", timeout=1).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert server.poll() is None, "mlflow models serve exited"
+            time.sleep(0.5)
+        from PIL import Image
+
+        batch = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in frame["path"][:3]])
+        answer = requests.post(f"{url}/invocations", json={"inputs": batch.tolist()}, timeout=60)
+        assert answer.ok, answer.text
+        np.testing.assert_allclose(np.array(answer.json()["predictions"]), probs[:3], atol=1e-5)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

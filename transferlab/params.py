@@ -212,6 +212,11 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "seed": integer(),
         "group_by": list_of(text, allow_str=True),
     },
+    "export": {
+        "run": optional(text),  # a run name such as finetune_top/vgg16-native; null: best validation accuracy
+        "registered_model": optional(text),  # null: transferlab-<dataset>
+        "alias": text,
+    },
 }
 OPTIONAL = {("data", "folder"): None, ("data", "stratify_by"): [], ("evaluate", "group_by"): []}
 
