@@ -12,7 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from transferlab import backbones, data, features, files, metrics, provenance, report, tracking, train  # noqa: E402
+from transferlab import (backbones, data, features, files, metrics, precision, provenance, report,  # noqa: E402
+                         tracking, train)
 
 def test_logits(record: dict, run_dir: Path, manifest: pd.DataFrame, n_classes: int):
     """(ids, labels, logits) on the test split, after checking the inputs match the training record."""
@@ -22,12 +23,16 @@ def test_logits(record: dict, run_dir: Path, manifest: pd.DataFrame, n_classes: 
         meta = files.read_json(Path("features") / pair / "meta.json")
         provenance.check_same(record, meta, record["run_name"])
         ids, labels, x = features.load_split(Path("features") / pair, "test", train.feature_output(head_cfg["pooling"]))
-        head = train.load_head(run_dir / "head.weights.h5", x.shape[1:], n_classes, head_cfg)
+        with precision.policy(record["precision"]):
+            head = train.load_head(run_dir / "head.weights.h5", x.shape[1:], n_classes, head_cfg)
         return ids, labels, head.predict(x, verbose=0)
-    current = provenance.describe(record["backbone"], record["preprocessing"]["variant"], record["input_size"])
+    # scored in the precision it was trained in, as with its input size and preprocessing
+    current = provenance.describe(record["backbone"], record["preprocessing"]["variant"], record["input_size"],
+                                  (record["precision"], "as trained"))
     provenance.check_same(record, current, record["run_name"])
-    base = backbones.get(record["backbone"]).build(False, None, record["input_size"])
-    model = train.end_to_end(base, train.head_for(base, n_classes, head_cfg, 0), head_cfg["pooling"])
+    with precision.policy(record["precision"]):
+        base = backbones.get(record["backbone"]).build(False, None, record["input_size"])
+        model = train.end_to_end(base, train.head_for(base, n_classes, head_cfg, 0), head_cfg["pooling"])
     model.load_weights(run_dir / "model.weights.h5")
     rows = manifest[manifest["split"] == "test"]
     ds = features.image_dataset(data.resolve_paths(rows), rows["class_index"].tolist(), record["preprocessing"], 32)

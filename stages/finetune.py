@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 
-from transferlab import backbones, data, features, files, provenance, tracking, train, weights  # noqa: E402
+from transferlab import backbones, data, features, files, precision, provenance, tracking, train, weights  # noqa: E402
 
 METHODS = ("frozen_end_to_end", "finetune_top")
 
@@ -43,15 +43,18 @@ def main(method: str, name: str) -> None:
     batch_size = ablation["batch_size"] or cfg["batch_size"]
     input_size = ablation["input_size"] or meta["input_size"]
     boundary = backbones.cut_boundary(bb, ft["cut_point"].get(name, "")) if method == "finetune_top" else None
-    record = provenance.describe(name, ft["preprocessing"], input_size)
+    record = provenance.describe(name, ft["preprocessing"], input_size, precision.from_params(params))
     record.update(run_name=f"{method}/{pair}", stage="finetune", method=method, status="trained",
                   params={"train" if method == "frozen_end_to_end" else "finetune": cfg, "head": head_cfg,
-                          "ablation": ablation, "cut_boundary": boundary})
+                          "ablation": ablation, "cut_boundary": boundary,
+                          "compute": {"precision": record["precision"]}})
     live_dir = Path("results") / method / pair
     with files.atomic_dir(Path("runs") / method / pair) as out:
         if meta["status"] == "unavailable":
             tracking.skip_unavailable(out, live_dir, record)
             return
+        # train_head's head and the cut activations come from these features: same precision, or refuse
+        precision.require(meta.get("precision"), record["precision"], f"features/{pair}")
         manifest = data.load_manifest()
         manifest["abspath"] = data.resolve_paths(manifest)
         splits = {s: manifest[manifest["split"] == s] for s in ("train", "val")}
@@ -69,7 +72,7 @@ def main(method: str, name: str) -> None:
 
         with tracking.run(record, record["params"]) as active:
             train.seed_everything(seed)
-            with train.strategy().scope():
+            with train.strategy().scope(), precision.policy(record["precision"]):
                 base = weights.load_backbone(bb, Path("models/weights") / name, input_size=input_size)
                 train.configure_base(base, boundary, ablation["bn_training"])
                 head = train.head_for(base, n_classes, head_cfg, seed)
@@ -91,8 +94,9 @@ def main(method: str, name: str) -> None:
             record.update(train_seconds=round(seconds, 2), mlflow_run_id=active.info.run_id, cached_path=cached,
                           val_accuracy=float(history["val_accuracy"].iloc[-1]))
             if method == "frozen_end_to_end":
-                record["parity"] = parity(full, params["head"], n_classes, pair, images("val", False, False),
-                                          head_cfg["pooling"])
+                with precision.policy(record["precision"]):  # both paths compute the base in this precision
+                    record["parity"] = parity(full, params["head"], n_classes, pair, images("val", False, False),
+                                              head_cfg["pooling"])
                 mlflow.log_metrics(record["parity"])
                 print("parity with train_head:", record["parity"])
             tracking.finish(out, record, history)

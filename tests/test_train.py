@@ -10,7 +10,8 @@ import pytest
 
 from helpers import ROOT
 
-from transferlab import files, train
+from transferlab import files, precision, train
+
 HEAD = {"units": 16, "dropout": 0.5, "dropout_position": "after_dense", "pooling": "avg"}
 
 
@@ -40,8 +41,15 @@ def toy():
     return x, y
 
 
+@pytest.fixture(params=precision.PRECISIONS)
+def policy(request):
+    """Run the test with models built under each precision policy."""
+    with precision.policy(request.param):
+        yield request.param
+
+
 def bottleneck_run(base, x, y, epochs=3, batch_size=8):
-    features = keras.layers.GlobalAveragePooling2D()(base(x, training=False)).numpy()
+    features = precision.pooled(base(x, training=False)).numpy()
     train.seed_everything(0)
     head = train.build_head(features.shape[1:], 3, HEAD, 0)
     train.compile_model(head, train.make_optimizer("adam", 1e-2))
@@ -59,7 +67,7 @@ def end_to_end_run(base, x, y, bn_training=False, epochs=3, batch_size=8, head_c
     return model(x).numpy(), history
 
 
-def test_frozen_end_to_end_reproduces_bottleneck_head(toy):
+def test_frozen_end_to_end_reproduces_bottleneck_head(toy, policy):
     x, y = toy
     a, ha = bottleneck_run(small_base(), x, y)
     b, hb = end_to_end_run(small_base(), x, y)
@@ -130,7 +138,7 @@ def test_configure_base_unfreezes_exactly_above_the_boundary():
         train.configure_base(base, "block5_pool", False)
 
 
-def test_cached_and_full_finetuning_agree_on_first_epoch(toy):
+def test_cached_and_full_finetuning_agree_on_first_epoch(toy, policy):
     x, y = toy
     results = []
     for cached in (True, False):
@@ -151,7 +159,7 @@ def test_cached_and_full_finetuning_agree_on_first_epoch(toy):
     assert np.abs(k_c - small_base().get_layer("high_conv").kernel.numpy()).max() > 1e-4  # it did train
 
 
-def test_two_identical_runs_match_exactly(toy):
+def test_two_identical_runs_match_exactly(toy, policy):
     x, y = toy
     a, ha = bottleneck_run(small_base(), x, y)
     b, hb = bottleneck_run(small_base(), x, y)

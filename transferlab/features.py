@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from transferlab import backbones
+from transferlab import backbones, precision
 from transferlab.images import open_rgb, resize
 
 SPLITS = ("train", "val", "test")
@@ -30,15 +30,18 @@ def _decode(path):
 
 
 def augmenter(seed: int):
-    """Flip, shift, rotation and zoom: the augmentation of the Keras recipes, seeded."""
+    """Flip, shift, rotation and zoom: the augmentation of the Keras recipes, seeded.
+
+    float32 whatever the precision policy: it is preprocessing, on 0..255 pixels, before the model.
+    """
     import keras
 
     return keras.Sequential(
         [
-            keras.layers.RandomFlip("horizontal", seed=seed),
-            keras.layers.RandomTranslation(0.1, 0.1, seed=seed + 1),
-            keras.layers.RandomRotation(0.05, seed=seed + 2),
-            keras.layers.RandomZoom(0.1, seed=seed + 3),
+            keras.layers.RandomFlip("horizontal", seed=seed, dtype="float32"),
+            keras.layers.RandomTranslation(0.1, 0.1, seed=seed + 1, dtype="float32"),
+            keras.layers.RandomRotation(0.05, seed=seed + 2, dtype="float32"),
+            keras.layers.RandomZoom(0.1, seed=seed + 3, dtype="float32"),
         ],
         name="augmentation",
     )
@@ -67,7 +70,7 @@ def extractor(base, cut_layer: str | None, conv_map: bool):
     """A model with named outputs: the pooled vector, optionally the last conv map and the cut activations."""
     import keras
 
-    outputs = {"pooled": keras.layers.GlobalAveragePooling2D(name="pooled")(base.output)}
+    outputs = {"pooled": precision.pooled(base.output)}
     if conv_map:
         outputs["conv_map"] = base.output
     if cut_layer:

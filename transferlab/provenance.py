@@ -10,15 +10,17 @@ from pathlib import Path
 from transferlab import backbones, data, files
 
 # the fields that must agree between training and scoring
-CHECKED = ("backbone", "preprocessing_fingerprint", "input_size", "weights_array_checksum", "manifest_sha256")
+CHECKED = ("backbone", "preprocessing_fingerprint", "input_size", "weights_array_checksum", "manifest_sha256",
+           "precision")
 
 
 class ProvenanceMismatch(ValueError):
     pass
 
 
-def describe(backbone: str, variant: str, input_size: int | None, weights_root="models/weights",
-             split_dir="data/split") -> dict:
+def describe(backbone: str, variant: str, input_size: int | None, precision: tuple[str, str],
+             weights_root="models/weights", split_dir="data/split") -> dict:
+    """``precision`` is (resolved precision, why), as transferlab.precision.resolve gives it."""
     bb = backbones.get(backbone)
     record = backbones.preprocessing_record(bb, variant, input_size)
     return {
@@ -28,6 +30,8 @@ def describe(backbone: str, variant: str, input_size: int | None, weights_root="
         "preprocessing_fingerprint": backbones.fingerprint(record),
         "weights": files.read_json(Path(weights_root) / bb.name / "identity.json"),
         "manifest_sha256": data.manifest_sha256(split_dir),
+        "precision": precision[0],
+        "precision_reason": precision[1],
     }
 
 

@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from transferlab import precision
+
 OPTIMIZERS = ("adam", "sgd")
 POOLINGS = ("avg", "flatten")
 DROPOUT_POSITIONS = ("after_dense", "before_dense")
@@ -60,7 +62,7 @@ def build_head(input_shape, n_classes: int, head: dict, seed: int) -> keras.Mode
                                kernel_initializer=keras.initializers.GlorotUniform(seed))(x)
         if head["dropout_position"] == "after_dense":
             x = dropout(x)
-    logits = keras.layers.Dense(n_classes, name="logits",
+    logits = keras.layers.Dense(n_classes, name="logits", dtype="float32",  # float32 logits and loss under mixed policies
                                 kernel_initializer=keras.initializers.GlorotUniform(seed + 1))(x)
     return keras.Model(inputs, logits, name="head")
 
@@ -79,7 +81,7 @@ def head_for(base: keras.Model, n_classes: int, head: dict, seed: int) -> keras.
 
 
 def _pool(x, pooling: str):
-    return keras.layers.GlobalAveragePooling2D(name="pooled")(x) if pooling == "avg" else x
+    return precision.pooled(x) if pooling == "avg" else x
 
 
 def configure_base(base: keras.Model, boundary: str | None, bn_training: bool) -> None:
