@@ -197,18 +197,19 @@ def test_unknown_settings_are_refused():
         train.feature_output("max")
 
 
-def test_mirrored_strategy_on_two_logical_cpus():
+@pytest.mark.parametrize("name", ["float32", "mixed_bfloat16"])
+def test_mirrored_strategy_on_two_logical_cpus(name):
     """Logical devices must be set before TF starts, hence a fresh interpreter."""
     script = textwrap.dedent(f"""
         import sys; sys.path.insert(0, {str(ROOT)!r})
         import numpy as np, tensorflow as tf
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        from transferlab import train
+        from transferlab import precision, train
         head_cfg = {{**{HEAD!r}, "dropout": 0.0}}  # dropout masks differ per replica
         def run(strategy):
             train.seed_everything(0)
-            with strategy.scope():
+            with strategy.scope(), precision.policy({name!r}):
                 head = train.build_head((6,), 3, head_cfg, 0)
                 train.compile_model(head, train.make_optimizer("sgd", 0.1))
             x = np.random.default_rng(0).normal(size=(64, 6)).astype("float32"); y = (x[:, 0] > 0).astype("int32")

@@ -32,19 +32,20 @@ def _decode(path):
 def augmenter(seed: int):
     """Flip, shift, rotation and zoom: the augmentation of the Keras recipes, seeded.
 
-    float32 whatever the precision policy: it is preprocessing, on 0..255 pixels, before the model.
+    Built in float32 whatever the precision policy: it is preprocessing, on 0..255 pixels, before the model.
     """
     import keras
 
-    return keras.Sequential(
-        [
-            keras.layers.RandomFlip("horizontal", seed=seed, dtype="float32"),
-            keras.layers.RandomTranslation(0.1, 0.1, seed=seed + 1, dtype="float32"),
-            keras.layers.RandomRotation(0.05, seed=seed + 2, dtype="float32"),
-            keras.layers.RandomZoom(0.1, seed=seed + 3, dtype="float32"),
-        ],
-        name="augmentation",
-    )
+    with precision.policy("float32"):
+        return keras.Sequential(
+            [
+                keras.layers.RandomFlip("horizontal", seed=seed),
+                keras.layers.RandomTranslation(0.1, 0.1, seed=seed + 1),
+                keras.layers.RandomRotation(0.05, seed=seed + 2),
+                keras.layers.RandomZoom(0.1, seed=seed + 3),
+            ],
+            name="augmentation",
+        )
 
 
 def image_dataset(paths, labels, record: dict, batch_size: int, shuffle_seed: int | None = None,
