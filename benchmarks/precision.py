@@ -4,6 +4,8 @@ For VGG16 at 128 px and EfficientNet-Lite0 at 224 px (the CPU defaults of params
 - forward img/s of the feature extractor on in-memory preprocessed images (best of --repeats);
 - seconds per epoch of finetune_top on cached cut activations and of frozen_end_to_end on images
   (fastest epoch after the first, which traces; benchmarks/finetune_speed.py's timer);
+- parity: max |logit difference| between the head on extracted pooled features and the frozen base + head
+  end to end on the same images, within each precision (frozen_end_to_end's parity check, at inference);
 - agreement on --images ELPV images: cosine similarity of the pooled features between the two
   precisions (min and mean), and the share of images whose head prediction changes. The head is
   trained once (train_head's routine, float32) on the float32 features of --train-images other ELPV
@@ -93,7 +95,12 @@ def run_case(name: str, size: int, mixed: str, args, weights_root: Path) -> dict
         with precision.policy(p):
             head = train.build_head(outs["pooled"].shape[1:], 4, HEAD, 0)
             head.set_weights(head_weights)
-            pred = np.asarray(head(outs["pooled"], training=False), np.float32).argmax(1)
+            logits = np.asarray(head(outs["pooled"], training=False), np.float32)
+            # parity: the same head on the frozen base end to end, on the images, in the same precision
+            end_to_end = train.end_to_end(base, head, "avg")
+            parity = max(float(np.abs(np.asarray(end_to_end(x_eval[i:i + args.batch_size], training=False))
+                                      - logits[i:i + args.batch_size]).max())
+                         for i in range(0, len(x_eval), args.batch_size))
             # finetune_top on cached cut activations: the layers above the boundary + the head
             train.configure_base(base, boundary, False)
             head = train.head_for(base, 4, HEAD, 0)
@@ -106,7 +113,8 @@ def run_case(name: str, size: int, mixed: str, args, weights_root: Path) -> dict
             frozen = epoch_seconds(train.end_to_end(base, head, "avg"),
                                    train.feature_dataset(x_train, y_train, args.batch_size, 0),
                                    train.make_optimizer("adam", 1e-3), args.epochs)
-        out[p] = {"img_s": ips, "pooled": outs["pooled"], "pred": pred, "top": top, "frozen": frozen}
+        out[p] = {"img_s": ips, "pooled": outs["pooled"], "pred": logits.argmax(1), "top": top, "frozen": frozen,
+                  "parity": parity}
     a, b = out["float32"]["pooled"], out[mixed]["pooled"]
     cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     out.update(cos_min=float(cosine.min()), cos_mean=float(cosine.mean()),
@@ -141,6 +149,8 @@ def main() -> None:
             ratio = m[key] / f[key] if key == "img_s" else f[key] / m[key]
             print(f"  {label:36s} {f[key]:>10{fmt}} {m[key]:>16{fmt}} {ratio:>6.2f}x")
         print(f"  pooled-feature cosine, {mixed} vs float32: min {r['cos_min']:.5f}, mean {r['cos_mean']:.5f}")
+        print(f"  parity, head on extracted features vs frozen end-to-end on images, max |logit diff|: "
+              f"{f['parity']:.2e} float32, {m['parity']:.2e} {mixed}")
         print(f"  head predictions changed: {r['changed']:.2%} of {args.images} images "
               f"(head accuracy {r['accuracy']['float32']:.3f} float32, {r['accuracy'][mixed]:.3f} {mixed})")
     print("\nratio: speed-up of the mixed precision over float32 (> 1: mixed is faster)")

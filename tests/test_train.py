@@ -76,7 +76,7 @@ def test_frozen_end_to_end_reproduces_bottleneck_head(toy, policy):
     assert np.allclose(ha["loss"], hb["loss"], atol=1e-5)
 
 
-def test_bn_training_ablation_breaks_parity_and_moves_statistics(toy):
+def test_bn_training_ablation_breaks_parity_and_moves_statistics(toy, policy):
     x, y = toy
     a, _ = bottleneck_run(small_base(), x, y)
     base = small_base()
@@ -90,7 +90,7 @@ def test_bn_training_ablation_breaks_parity_and_moves_statistics(toy):
     assert np.array_equal(base.get_layer("low_conv").kernel.numpy(), kernel)  # and so did the convs
 
 
-def test_frozen_base_keeps_batchnorm_in_inference_mode(toy):
+def test_frozen_base_keeps_batchnorm_in_inference_mode(toy, policy):
     x, y = toy
     base = small_base()
     before = [w.numpy().copy() for w in base.weights]
