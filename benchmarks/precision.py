@@ -80,6 +80,7 @@ def run_case(name: str, size: int, mixed: str, args, weights_root: Path) -> dict
     paths, labels = elpv_sample(args.images + args.train_images)
     x = load_images(paths, labels, record)
     x_train, y_train, x_eval = x[:args.train_images], labels[:args.train_images], x[args.train_images:]
+    eval_labels = labels[args.train_images:]
     out = {"weights": identity["label"], "boundary": boundary}
     head_weights = None
     for p in ("float32", mixed):
@@ -95,12 +96,11 @@ def run_case(name: str, size: int, mixed: str, args, weights_root: Path) -> dict
         with precision.policy(p):
             head = train.build_head(outs["pooled"].shape[1:], 4, HEAD, 0)
             head.set_weights(head_weights)
-            logits = np.asarray(head(outs["pooled"], training=False), np.float32)
+            logits = train.predict_logits(head, train.feature_dataset(outs["pooled"], eval_labels, args.batch_size))
             # parity: the same head on the frozen base end to end, on the images, in the same precision
             end_to_end = train.end_to_end(base, head, "avg")
-            parity = max(float(np.abs(np.asarray(end_to_end(x_eval[i:i + args.batch_size], training=False))
-                                      - logits[i:i + args.batch_size]).max())
-                         for i in range(0, len(x_eval), args.batch_size))
+            parity = float(np.abs(train.predict_logits(end_to_end, train.feature_dataset(
+                x_eval, eval_labels, args.batch_size)) - logits).max())
             # finetune_top on cached cut activations: the layers above the boundary + the head
             train.configure_base(base, boundary, False)
             head = train.head_for(base, 4, HEAD, 0)
@@ -119,7 +119,7 @@ def run_case(name: str, size: int, mixed: str, args, weights_root: Path) -> dict
     cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     out.update(cos_min=float(cosine.min()), cos_mean=float(cosine.mean()),
                changed=float(np.mean(out["float32"]["pred"] != out[mixed]["pred"])),
-               accuracy={p: float(np.mean(out[p]["pred"] == labels[args.train_images:])) for p in ("float32", mixed)})
+               accuracy={p: float(np.mean(out[p]["pred"] == eval_labels)) for p in ("float32", mixed)})
     return out
 
 

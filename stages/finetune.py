@@ -20,11 +20,11 @@ from transferlab import backbones, data, features, files, precision, provenance,
 METHODS = ("frozen_end_to_end", "finetune_top")
 
 
-def parity(model, head_cfg: dict, n_classes: int, pair: str, val_images, pooling: str) -> dict:
+def parity(model, head_cfg: dict, n_classes: int, pair: str, val_images, pooling: str, batch_size: int) -> dict:
     """Compare with train_head on the validation split: same model, so logits should agree."""
     _, y_val, x_val = features.load_split(Path("features") / pair, "val", train.feature_output(pooling))
     head = train.load_head(Path("runs/train_head") / pair / "head.weights.h5", x_val.shape[1:], n_classes, head_cfg)
-    bottleneck = head(x_val, training=False).numpy()
+    bottleneck = train.predict_logits(head, train.feature_dataset(x_val, y_val, batch_size))
     end_to_end = train.predict_logits(model, val_images)
     acc = lambda logits: float(np.mean(logits.argmax(1) == y_val))  # noqa: E731
     return {"parity_max_abs_logit_diff": float(np.abs(bottleneck - end_to_end).max()),
@@ -96,7 +96,7 @@ def main(method: str, name: str) -> None:
             if method == "frozen_end_to_end":
                 with precision.policy(record["precision"]):  # both paths compute the base in this precision
                     record["parity"] = parity(full, params["head"], n_classes, pair, images("val", False, False),
-                                              head_cfg["pooling"])
+                                              head_cfg["pooling"], batch_size)
                 mlflow.log_metrics(record["parity"])
                 print("parity with train_head:", record["parity"])
             tracking.finish(out, record, history)

@@ -149,3 +149,26 @@ def test_comparison_refuses_runs_on_different_test_images(tmp_path):
     _predictions(tmp_path / "c", "r", ["x", "y"], [0, 0], [0, 1])
     with pytest.raises(ValueError, match="labels differ for 1 test images"):
         compare.compare(tmp_path / "a", tmp_path / "c")
+
+
+def test_end_to_end_logits_match_the_head_on_extracted_features_exactly_under_bfloat16(tmp_path):
+    """Regression: eager and graph kernels round bfloat16 differently (fused bias + relu or not), so
+    predict_logits must run as a graph like extraction does; eagerly, parity was off by ~1e-1 here."""
+    with precision.policy("mixed_bfloat16"):
+        keras.utils.set_random_seed(0)
+        x = inputs = keras.Input((16, 16, 3))
+        for i in range(2):  # non-zero biases: with zero ones fused and unfused agree
+            x = keras.layers.Conv2D(32, 3, activation="relu",
+                                    bias_initializer=keras.initializers.RandomNormal(0.5, 1.0, seed=i))(x)
+        base = keras.Model(inputs, x)
+        head = train.build_head((32,), 2, HEAD, 0)
+        end_to_end = train.end_to_end(base, head, "avg")
+    root = make_image_tree(tmp_path / "img", classes={"a": 8, "b": 8}, size=16)
+    paths = sorted(str(p) for p in root.rglob("*.png"))
+    labels = [0] * 8 + [1] * 8
+    record = backbones.preprocessing_record(backbones.get("vgg16"), "native", 16)
+    features.extract_split(features.extractor(base, None, False), paths, labels, paths, record, 8, tmp_path / "f", "t")
+    _, _, pooled = features.load_split(tmp_path, "f")
+    bottleneck = train.predict_logits(head, train.feature_dataset(pooled, labels, 8))
+    images = train.predict_logits(end_to_end, features.image_dataset(paths, labels, record, 8))
+    assert np.array_equal(bottleneck, images)
