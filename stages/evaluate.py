@@ -23,14 +23,14 @@ def test_logits(record: dict, run_dir: Path, manifest: pd.DataFrame, n_classes: 
         meta = files.read_json(Path("features") / pair / "meta.json")
         provenance.check_same(record, meta, record["run_name"])
         ids, labels, x = features.load_split(Path("features") / pair, "test", train.feature_output(head_cfg["pooling"]))
-        with precision.policy(record["precision"]):
+        with precision.policy(record.get("precision")):
             head = train.load_head(run_dir / "head.weights.h5", x.shape[1:], n_classes, head_cfg)
         return ids, labels, head.predict(x, verbose=0)
     # scored in the precision it was trained in, as with its input size and preprocessing
     current = provenance.describe(record["backbone"], record["preprocessing"]["variant"], record["input_size"],
-                                  (record["precision"], "as trained"))
+                                  (record.get("precision"), "as trained"))
     provenance.check_same(record, current, record["run_name"])
-    with precision.policy(record["precision"]):
+    with precision.policy(current["precision"]):
         base = backbones.get(record["backbone"]).build(False, None, record["input_size"])
         model = train.end_to_end(base, train.head_for(base, n_classes, head_cfg, 0), head_cfg["pooling"])
     model.load_weights(run_dir / "model.weights.h5")
