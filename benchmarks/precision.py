@@ -138,6 +138,7 @@ def main() -> None:
     print(f"compute.precision auto resolves to {resolved} ({why}); comparing float32 with {mixed}")
     print(f"{args.images} ELPV images for speed and agreement, {args.train_images} others for the head and "
           f"epoch timings; batch {args.batch_size}")
+    train.seed_everything(0)  # op determinism on from the start, as in the training stages: same for both precisions
     with tempfile.TemporaryDirectory() as tmp:
         results = {name: run_case(name, size, mixed, args, Path(tmp)) for name, size in CASES}
     for (name, size), r in zip(CASES, results.values()):
