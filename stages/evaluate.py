@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pandas as pd  # noqa: E402
 
-from transferlab import (backbones, data, dvcfiles, features, files, metrics, provenance, report,  # noqa: E402
+from transferlab import (backbones, data, dvcfiles, features, files, metrics, precision, provenance, report,  # noqa: E402
                          tracking, train)
 from transferlab.params import load_for_stage  # noqa: E402
 
@@ -28,12 +28,16 @@ def test_logits(record: dict, run_dir: Path, manifest: pd.DataFrame, n_classes: 
         meta = provenance.load(Path("features") / pair / "meta.json")
         provenance.check_same(record, meta, record["run_name"])
         ids, labels, x = features.load_split(Path("features") / pair, "test", train.feature_output(head_cfg["pooling"]))
-        head = train.load_head(run_dir / "head.weights.h5", x.shape[1:], n_classes, head_cfg)
+        with precision.policy(record.get("precision")):
+            head = train.load_head(run_dir / "head.weights.h5", x.shape[1:], n_classes, head_cfg)
         return ids, labels, head.predict(x, verbose=0)
-    current = provenance.describe(record["backbone"], record["preprocessing"]["variant"], record["input_size"])
+    # scored in the precision it was trained in, as with its input size and preprocessing
+    current = provenance.describe(record["backbone"], record["preprocessing"]["variant"], record["input_size"],
+                                  (record.get("precision"), "as trained"))
     provenance.check_same(record, current, record["run_name"])
-    base = backbones.get(record["backbone"]).build(False, None, record["input_size"])
-    model = train.end_to_end(base, train.head_for(base, n_classes, head_cfg, 0), head_cfg["pooling"])
+    with precision.policy(current["precision"]):
+        base = backbones.get(record["backbone"]).build(False, None, record["input_size"])
+        model = train.end_to_end(base, train.head_for(base, n_classes, head_cfg, 0), head_cfg["pooling"])
     model.load_weights(run_dir / "model.weights.h5")
     rows = manifest[manifest["split"] == "test"]
     ds = features.image_dataset(data.resolve_paths(rows), rows["class_index"].tolist(), record["preprocessing"], 32)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from transferlab import backbones, data, features, files, provenance, weights  # noqa: E402
+from transferlab import backbones, data, features, files, precision, provenance, weights  # noqa: E402
 from transferlab.params import load_for_stage  # noqa: E402
 
 
@@ -17,7 +17,7 @@ def main(name: str, variant: str) -> None:
     params = load_for_stage("extract_features")
     extract, finetune = params["extract"], params["finetune"]
     bb = backbones.get(name)
-    meta = provenance.describe(name, variant, extract["input_size"].get(name))
+    meta = provenance.describe(name, variant, extract["input_size"].get(name), precision.from_params(params))
     meta.update(status=meta["weights"]["status"], batch_size=extract["batch_size"], versions=features.versions())
     speed = {"weights_unavailable": 1}
     with files.atomic_dir(Path("features") / f"{name}-{variant}") as out:
@@ -27,8 +27,9 @@ def main(name: str, variant: str) -> None:
             cut = None  # cut activations feed finetune_top's cached path; stored whatever finetune.backbones says
             if name in finetune["cut_point"] and variant == finetune["preprocessing"]:
                 cut = backbones.cut_boundary(bb, finetune["cut_point"][name])
-            base = weights.load_backbone(bb, Path("models/weights") / name, input_size=meta["input_size"])
-            model = features.extractor(base, cut, extract["conv_map"])
+            with precision.policy(meta["precision"]):  # features are stored as float32 whatever the policy
+                base = weights.load_backbone(bb, Path("models/weights") / name, input_size=meta["input_size"])
+                model = features.extractor(base, cut, extract["conv_map"])
             manifest = data.load_manifest()
             manifest["abspath"] = data.resolve_paths(manifest)
             meta["cut_boundary"], meta["splits"], speed = cut, {}, {}

@@ -15,15 +15,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 
-from transferlab import backbones, data, features, files, provenance, tracking, train, weights  # noqa: E402
+from transferlab import backbones, data, features, files, precision, provenance, tracking, train, weights  # noqa: E402
 from transferlab.params import FINETUNE_METHODS, load_for_stage  # noqa: E402
 
 
-def parity(model, head_cfg: dict, n_classes: int, pair: str, val_images, pooling: str) -> dict:
+
+def parity(model, head_cfg: dict, n_classes: int, pair: str, val_images, pooling: str, batch_size: int) -> dict:
     """Compare with train_head on the validation split: same model, so logits should agree."""
     _, y_val, x_val = features.load_split(Path("features") / pair, "val", train.feature_output(pooling))
     head = train.load_head(Path("runs/train_head") / pair / "head.weights.h5", x_val.shape[1:], n_classes, head_cfg)
-    bottleneck = head(x_val, training=False).numpy()
+    bottleneck = train.predict_logits(head, train.feature_dataset(x_val, y_val, batch_size))
     end_to_end = train.predict_logits(model, val_images)
     acc = lambda logits: float(np.mean(logits.argmax(1) == y_val))  # noqa: E731
     return {"parity_max_abs_logit_diff": float(np.abs(bottleneck - end_to_end).max()),
@@ -42,15 +43,18 @@ def main(method: str, name: str) -> None:
     batch_size = ablation["batch_size"] or cfg["batch_size"]
     input_size = ablation["input_size"] or meta["input_size"]
     boundary = backbones.cut_boundary(bb, ft["cut_point"].get(name, "")) if method == "finetune_top" else None
-    record = provenance.describe(name, ft["preprocessing"], input_size)
+    record = provenance.describe(name, ft["preprocessing"], input_size, precision.from_params(params))
     record.update(run_name=f"{method}/{pair}", stage="finetune", method=method, status="trained",
                   params={"train" if method == "frozen_end_to_end" else "finetune": cfg, "head": head_cfg,
-                          "ablation": ablation, "cut_boundary": boundary})
+                          "ablation": ablation, "cut_boundary": boundary,
+                          "compute": {"precision": record["precision"]}})
     with files.atomic_dir(Path("runs") / method / pair) as out, \
             files.atomic_dir(Path("results") / method / pair) as live_dir:
         if meta["status"] == "unavailable":
             tracking.skip_unavailable(out, live_dir, record, params)
             return
+        # train_head's head and the cut activations come from these features: same precision, or refuse
+        provenance.require_precision(meta.get("precision"), record["precision"], f"features/{pair}")
         manifest = data.load_manifest()
         manifest["abspath"] = data.resolve_paths(manifest)
         splits = {s: manifest[manifest["split"] == s] for s in ("train", "val")}
@@ -66,7 +70,7 @@ def main(method: str, name: str) -> None:
 
         with tracking.run(record, params) as active:
             train.seed_everything(seed)
-            with train.strategy().scope():
+            with train.strategy().scope(), precision.policy(record["precision"]):
                 base = weights.load_backbone(bb, Path("models/weights") / name, input_size=input_size)
                 train.configure_base(base, boundary, ablation["bn_training"])
                 head = train.head_for(base, n_classes, head_cfg, seed)
@@ -88,8 +92,9 @@ def main(method: str, name: str) -> None:
             record.update(train_seconds=round(seconds, 2), mlflow_run_id=active.info.run_id, cached_path=cached,
                           val_accuracy=float(history["val_accuracy"].iloc[-1]))
             if method == "frozen_end_to_end":
-                record["parity"] = parity(full, params["head"], n_classes, pair, images("val", False, False),
-                                          head_cfg["pooling"])
+                with precision.policy(record["precision"]):  # both paths compute the base in this precision
+                    record["parity"] = parity(full, params["head"], n_classes, pair, images("val", False, False),
+                                              head_cfg["pooling"], batch_size)
                 mlflow.log_metrics(record["parity"])
                 print("parity with train_head:", record["parity"])
             tracking.finish(out, record, history)

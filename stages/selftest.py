@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from transferlab import files, selftest  # noqa: E402
+from transferlab import files, precision, selftest  # noqa: E402
 from transferlab.params import load_for_stage  # noqa: E402
 
 WEIGHTS_ROOT = Path("models/weights")
@@ -31,12 +31,13 @@ def _top5(variant: dict) -> str:
     return ", ".join(f"{t['index']}{' ' + t['name'] if t['name'] else ''} ({t['prob']:.3f})" for t in variant["top5"])
 
 
-def markdown(results: list[dict]) -> str:
+def markdown(results: list[dict], computed: tuple[str, str]) -> str:
     lines = [
         "# Preprocessing self-test",
         "",
         "ImageNet top-5 on scikit-image's reference photos. `native` must contain an expected class;",
         "`rescale` (x / 255) is shown for comparison. P(expected) sums the acceptable classes.",
+        f"Computed under precision `{computed[0]}` ({computed[1]}).",
         "",
         "| backbone | photo | variant | top-5 (index name (prob)) | P(expected) | pass |",
         "|---|---|---|---|---|---|",
@@ -56,11 +57,13 @@ def markdown(results: list[dict]) -> str:
 
 def main() -> int:
     params = load_for_stage("selftest")
-    results = [check(name) for name in params["extract"]["backbones"]]
+    computed = precision.from_params(params)
+    with precision.policy(computed[0]):  # the precision the pipeline's features will be computed in
+        results = [check(name) for name in params["extract"]["backbones"]]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     REPORT.parent.mkdir(parents=True, exist_ok=True)
-    files.write_json(RESULTS, {"backbones": results})
-    REPORT.write_text(markdown(results))
+    files.write_json(RESULTS, {"backbones": results, "precision": computed[0], "precision_reason": computed[1]})
+    REPORT.write_text(markdown(results, computed))
     failed = [r["backbone"] for r in results if r["status"] == "ran" and not r["passed"]]
     if failed:
         print(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from transferlab import data, features, files, provenance, tracking, train  # noqa: E402
+from transferlab import data, features, files, precision, provenance, tracking, train  # noqa: E402
 from transferlab.params import load_for_stage  # noqa: E402
 
 
@@ -19,17 +19,19 @@ def main(name: str, variant: str) -> None:
     meta = provenance.load(Path("features") / pair / "meta.json")
     record = {k: meta[k] for k in ("backbone", "input_size", "preprocessing", "preprocessing_fingerprint",
                                    "weights", "manifest_sha256")}
+    record["precision"], record["precision_reason"] = precision.from_params(params)
     record.update(run_name=f"train_head/{pair}", stage="train_head", method="bottleneck", status="trained",
-                  params={"train": cfg, "head": head_cfg})
+                  params={"train": cfg, "head": head_cfg, "compute": {"precision": record["precision"]}})
     with files.atomic_dir(Path("runs/train_head") / pair) as out, \
             files.atomic_dir(Path("results/train_head") / pair) as live_dir:
         if meta["status"] == "unavailable":
             tracking.skip_unavailable(out, live_dir, record, params)
             return
+        provenance.require_precision(meta.get("precision"), record["precision"], f"features/{pair}")
         output = train.feature_output(head_cfg["pooling"])
         _, y_train, x_train = features.load_split(Path("features") / pair, "train", output)
         _, y_val, x_val = features.load_split(Path("features") / pair, "val", output)
-        with tracking.run(record, params) as active:
+        with tracking.run(record, params) as active, precision.policy(record["precision"]):
             head, history, seconds = train.train_head(x_train, y_train, x_val, y_val, len(data.load_classes()),
                                                       cfg, head_cfg, tracking.callbacks(live_dir))
             head.save_weights(out / "head.weights.h5")

@@ -71,20 +71,8 @@ if [[ -n ${DRY_RUN:-} ]]; then
 fi
 
 export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$PWD/mlflow.db}
-backup=$(mktemp -d)
-cp params.yaml "$backup/params.yaml"
-[[ -f dvc.lock ]] && cp dvc.lock "$backup/dvc.lock"
-restore() {
-  cp "$backup/params.yaml" params.yaml
-  if [[ -f $backup/dvc.lock ]]; then
-    cp "$backup/dvc.lock" dvc.lock
-    dvc checkout -q || echo "pitfalls.sh: 'dvc checkout' failed; run it to restore the outputs" >&2
-  else
-    rm -f dvc.lock
-  fi
-  rm -rf "$backup"
-}
-trap restore EXIT
+source study/workspace.sh
+save_workspace
 
 existing=$(dvc exp list --name-only 2>/dev/null || true)
 total=$(( $(wc -w <<<"$settings") * $(wc -w <<<"$SEEDS") ))
@@ -106,6 +94,5 @@ for setting in $settings; do
   done
 done
 
-restore
-trap - EXIT
+restore_workspace
 [[ -n ${NO_REPORT:-} ]] || python study/pitfalls_report.py

@@ -68,20 +68,28 @@ def test_provenance_check_refuses_any_mismatch_naming_both_records(tmp_path, mon
     (tmp_path / "data/split").mkdir(parents=True)
     (tmp_path / "data/split/manifest.csv").write_text("id\n")
     _identity(tmp_path, "aaa")
-    trained = provenance.describe("vgg16", "native", 128)
-    provenance.check_same(trained, provenance.describe("vgg16", "native", 128), "x")
+    def describe(variant, size, precision="mixed_bfloat16"):
+        return provenance.describe("vgg16", variant, size, (precision, "set in params"))
+
+    trained = describe("native", 128)
+    provenance.check_same(trained, describe("native", 128), "x")
     with pytest.raises(provenance.ProvenanceMismatch) as err:
-        provenance.check_same(trained, provenance.describe("vgg16", "rescale", 128), "train_head/vgg16-native")
+        provenance.check_same(trained, describe("rescale", 128), "train_head/vgg16-native")
     assert "preprocessing_fingerprint" in str(err.value) and trained["preprocessing_fingerprint"] in str(err.value)
     with pytest.raises(provenance.ProvenanceMismatch, match="input_size: trained with 128, scoring with 160"):
-        provenance.check_same(trained, provenance.describe("vgg16", "native", 160), "x")
+        provenance.check_same(trained, describe("native", 160), "x")
     _identity(tmp_path, "bbb")
     with pytest.raises(provenance.ProvenanceMismatch, match="weights_array_checksum: trained with 'aaa'"):
-        provenance.check_same(trained, provenance.describe("vgg16", "native", 128), "x")
+        provenance.check_same(trained, describe("native", 128), "x")
     (tmp_path / "data/split/manifest.csv").write_text("id\nnew\n")
     _identity(tmp_path, "aaa")
     with pytest.raises(provenance.ProvenanceMismatch, match="manifest_sha256"):
-        provenance.check_same(trained, provenance.describe("vgg16", "native", 128), "x")
+        provenance.check_same(trained, describe("native", 128), "x")
+    _identity(tmp_path, "aaa")
+    (tmp_path / "data/split/manifest.csv").write_text("id\n")
+    with pytest.raises(provenance.ProvenanceMismatch,
+                       match="precision: trained with 'mixed_bfloat16', scoring with 'float32'"):
+        provenance.check_same(trained, describe("native", 128, "float32"), "x")
 
 
 @pytest.fixture(scope="module")

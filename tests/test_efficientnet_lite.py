@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from transferlab import backbones, efficientnet_lite, images, selftest, weights
+from transferlab import backbones, efficientnet_lite, images, precision, selftest, weights
 from transferlab.torch_legacy import MAGIC_NUMBER, PROTOCOL_VERSION, load_state_dict
 
 
@@ -264,6 +264,20 @@ def test_selftest_on_reference_photos(lite0_top, tmp_path):
     assert coffee["native"]["expected_prob"] > 0.9
     # x / 255 still finds the classes on these easy photos, but with less confidence
     assert coffee["rescale"]["expected_prob"] < coffee["native"]["expected_prob"] - 0.1
+
+
+@pytest.mark.parametrize("name", ["mixed_bfloat16", "mixed_float16"])
+def test_selftest_passes_under_mixed_precision(lite0_weights, lite0_top, name, tmp_path):
+    """Real weights, reduced precision: the same top classes, probabilities within rounding."""
+    with precision.policy(name):
+        model = efficientnet_lite.EfficientNetLite0(include_top=True, weights=lite0_weights[0])
+    result = selftest.run("efficientnet_lite0", tmp_path, model=model)
+    reference = selftest.run("efficientnet_lite0", tmp_path, model=lite0_top)
+    assert result["passed"]
+    for photo in selftest.PHOTOS:
+        got, want = (r["photos"][photo]["variants"]["native"] for r in (result, reference))
+        assert got["top5"][0]["index"] == want["top5"][0]["index"]
+        assert abs(got["expected_prob"] - want["expected_prob"]) < 0.02
 
 
 def test_convert_refuses_incomplete_state_dict(lite0_pth, tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from helpers import ROOT, make_image_tree
 
-from transferlab import dvcfiles
+from transferlab import dvcfiles, precision
 
 RUNS = ["train_head/vgg16-native", "train_head/vgg16-rescale", "frozen_end_to_end/vgg16-native",
         "finetune_top/vgg16-native"]
@@ -117,6 +117,36 @@ def test_mlflow_holds_grouped_runs_with_curves_tags_and_test_metrics(repo):
         (logged,) = client.get_metric_history(run.info.run_id, "test_accuracy")
         assert run.info.status == "FINISHED" and run.info.end_time < logged.timestamp
         assert "confusion_matrix.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_the_resolved_precision_is_recorded_everywhere_and_checked(repo):
+    repo, env = repo
+    resolved, why = precision.resolve("auto")  # params.yaml's default, resolved on this machine
+    assert read(repo, "features/vgg16-native/meta.json")["precision"] == resolved
+    assert read(repo, "results/selftest.json")["precision"] == resolved
+    assert {read(repo, f"runs/{run}/run.json")["precision"] for run in RUNS} == {resolved}
+    assert set(pd.read_csv(repo / "reports/results.csv")["precision"]) == {resolved}
+    assert f"**Precision:** `{resolved}` ({why})" in (repo / "reports/results.md").read_text()
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    for run in client.search_runs([client.get_experiment_by_name("transferlab").experiment_id]):
+        assert run.data.tags["precision"] == run.data.params["compute.precision"] == resolved
+    # features computed in another precision are refused for training and for scoring, naming both
+    meta_file = repo / "features/vgg16-native/meta.json"
+    original = meta_file.read_bytes()
+    other = "float32" if resolved != "float32" else "mixed_bfloat16"
+    meta_file.write_text(json.dumps({**json.loads(original), "precision": other}))
+    try:
+        refusals = {}
+        for cmd in (["stages/train_head.py", "vgg16", "native"], ["stages/evaluate.py"]):
+            out = subprocess.run([sys.executable, *cmd], cwd=repo, env=env, capture_output=True, text=True)
+            assert out.returncode != 0
+            refusals[cmd[0]] = out.stderr
+    finally:
+        meta_file.write_bytes(original)
+    assert (f"features/vgg16-native was computed under precision '{other}', but this run uses '{resolved}'"
+            in refusals["stages/train_head.py"])
+    assert f"precision: trained with '{resolved}', scoring with '{other}'" in refusals["stages/evaluate.py"]
+    assert "Data and pipelines are up to date" in sh("dvc", "status", cwd=repo, env=env)
 
 
 def test_frozen_end_to_end_reproduces_train_head(repo):

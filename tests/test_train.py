@@ -10,7 +10,8 @@ import pytest
 
 from helpers import ROOT
 
-from transferlab import files, train
+from transferlab import files, precision, train
+
 HEAD = {"units": 16, "dropout": 0.5, "dropout_position": "after_dense", "pooling": "avg"}
 
 
@@ -40,8 +41,15 @@ def toy():
     return x, y
 
 
+@pytest.fixture(params=precision.PRECISIONS)
+def policy(request):
+    """Run the test with models built under each precision policy."""
+    with precision.policy(request.param):
+        yield request.param
+
+
 def bottleneck_run(base, x, y, epochs=3, batch_size=8):
-    features = keras.layers.GlobalAveragePooling2D()(base(x, training=False)).numpy()
+    features = precision.pooled(base(x, training=False)).numpy()
     train.seed_everything(0)
     head = train.build_head(features.shape[1:], 3, HEAD, 0)
     train.compile_model(head, train.make_optimizer("adam", 1e-2))
@@ -59,7 +67,7 @@ def end_to_end_run(base, x, y, bn_training=False, epochs=3, batch_size=8, head_c
     return model(x).numpy(), history
 
 
-def test_frozen_end_to_end_reproduces_bottleneck_head(toy):
+def test_frozen_end_to_end_reproduces_bottleneck_head(toy, policy):
     x, y = toy
     a, ha = bottleneck_run(small_base(), x, y)
     b, hb = end_to_end_run(small_base(), x, y)
@@ -68,7 +76,7 @@ def test_frozen_end_to_end_reproduces_bottleneck_head(toy):
     assert np.allclose(ha["loss"], hb["loss"], atol=1e-5)
 
 
-def test_bn_training_ablation_breaks_parity_and_moves_statistics(toy):
+def test_bn_training_ablation_breaks_parity_and_moves_statistics(toy, policy):
     x, y = toy
     a, _ = bottleneck_run(small_base(), x, y)
     base = small_base()
@@ -82,7 +90,7 @@ def test_bn_training_ablation_breaks_parity_and_moves_statistics(toy):
     assert np.array_equal(base.get_layer("low_conv").kernel.numpy(), kernel)  # and so did the convs
 
 
-def test_frozen_base_keeps_batchnorm_in_inference_mode(toy):
+def test_frozen_base_keeps_batchnorm_in_inference_mode(toy, policy):
     x, y = toy
     base = small_base()
     before = [w.numpy().copy() for w in base.weights]
@@ -128,7 +136,7 @@ def test_configure_base_unfreezes_exactly_above_the_boundary():
         train.configure_base(base, "block5_pool", False)
 
 
-def test_cached_and_full_finetuning_agree_on_first_epoch(toy):
+def test_cached_and_full_finetuning_agree_on_first_epoch(toy, policy):
     x, y = toy
     results = []
     for cached in (True, False):
@@ -149,7 +157,7 @@ def test_cached_and_full_finetuning_agree_on_first_epoch(toy):
     assert np.abs(k_c - small_base().get_layer("high_conv").kernel.numpy()).max() > 1e-4  # it did train
 
 
-def test_two_identical_runs_match_exactly(toy):
+def test_two_identical_runs_match_exactly(toy, policy):
     x, y = toy
     a, ha = bottleneck_run(small_base(), x, y)
     b, hb = bottleneck_run(small_base(), x, y)
@@ -190,18 +198,19 @@ def test_non_finite_validation_loss_stops_the_run(toy):
         train.fit(head, ds, ds, 1)
 
 
-def test_mirrored_strategy_on_two_logical_cpus():
+@pytest.mark.parametrize("name", ["float32", "mixed_bfloat16"])
+def test_mirrored_strategy_on_two_logical_cpus(name):
     """Logical devices must be set before TF starts, hence a fresh interpreter."""
     script = textwrap.dedent(f"""
         import sys; sys.path.insert(0, {str(ROOT)!r})
         import numpy as np, tensorflow as tf
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        from transferlab import train
+        from transferlab import precision, train
         head_cfg = {{**{HEAD!r}, "dropout": 0.0}}  # dropout masks differ per replica
         def run(strategy):
             train.seed_everything(0)
-            with strategy.scope():
+            with strategy.scope(), precision.policy({name!r}):
                 head = train.build_head((6,), 3, head_cfg, 0)
                 train.compile_model(head, train.make_optimizer("sgd", 0.1))
             x = np.random.default_rng(0).normal(size=(64, 6)).astype("float32"); y = (x[:, 0] > 0).astype("int32")

@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from transferlab import backbones, files
+from transferlab import backbones, files, precision
 from transferlab.images import open_rgb, resize
 from transferlab.provenance import ProvenanceMismatch
 
@@ -34,18 +34,22 @@ def _decode(path):
 
 
 def augmenter(seed: int):
-    """Flip, shift, rotation and zoom: the augmentation of the Keras recipes, seeded."""
+    """Flip, shift, rotation and zoom: the augmentation of the Keras recipes, seeded.
+
+    Built in float32 whatever the precision policy: it is preprocessing, on 0..255 pixels, before the model.
+    """
     import keras
 
-    return keras.Sequential(
-        [
-            keras.layers.RandomFlip("horizontal", seed=seed),
-            keras.layers.RandomTranslation(0.1, 0.1, seed=seed + 1),
-            keras.layers.RandomRotation(0.05, seed=seed + 2),
-            keras.layers.RandomZoom(0.1, seed=seed + 3),
-        ],
-        name="augmentation",
-    )
+    with precision.policy("float32"):
+        return keras.Sequential(
+            [
+                keras.layers.RandomFlip("horizontal", seed=seed),
+                keras.layers.RandomTranslation(0.1, 0.1, seed=seed + 1),
+                keras.layers.RandomRotation(0.05, seed=seed + 2),
+                keras.layers.RandomZoom(0.1, seed=seed + 3),
+            ],
+            name="augmentation",
+        )
 
 
 def image_dataset(paths, labels, record: dict, batch_size: int, shuffle_seed: int | None = None,
@@ -71,7 +75,7 @@ def extractor(base, cut_layer: str | None, conv_map: bool):
     """A model with named outputs: the pooled vector, optionally the last conv map and the cut activations."""
     import keras
 
-    outputs = {"pooled": keras.layers.GlobalAveragePooling2D(name="pooled")(base.output)}
+    outputs = {"pooled": precision.pooled(base.output)}
     if conv_map:
         outputs["conv_map"] = base.output
     if cut_layer:

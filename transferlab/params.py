@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import yaml
 
-from transferlab import backbones
+from transferlab import backbones, precision
 
 Check = Callable[[Any], Any]  # returns the (normalised) value or raises Invalid("must be ..., got ...")
 
@@ -211,6 +211,9 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "bootstrap": integer(1),
         "seed": integer(),
         "group_by": list_of(text, allow_str=True),
+    },
+    "compute": {
+        "precision": choice(*precision.SETTINGS),  # auto: resolved per machine (transferlab.precision)
     },
     "export": {
         "run": optional(text),  # a run name such as finetune_top/vgg16-native; null: best validation accuracy

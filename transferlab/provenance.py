@@ -12,7 +12,8 @@ from pathlib import Path
 from transferlab import backbones, data, files
 
 # the fields that must agree between training and scoring
-CHECKED = ("backbone", "preprocessing_fingerprint", "input_size", "weights_array_checksum", "manifest_sha256")
+CHECKED = ("backbone", "preprocessing_fingerprint", "input_size", "weights_array_checksum", "manifest_sha256",
+           "precision")
 
 
 class ProvenanceMismatch(ValueError):
@@ -32,8 +33,9 @@ def load(path) -> dict:
     return record
 
 
-def describe(backbone: str, variant: str, input_size: int | None, weights_root="models/weights",
-             split_dir="data/split") -> dict:
+def describe(backbone: str, variant: str, input_size: int | None, precision: tuple[str, str],
+             weights_root="models/weights", split_dir="data/split") -> dict:
+    """``precision`` is (resolved precision, why), as transferlab.precision.resolve gives it."""
     bb = backbones.get(backbone)
     record = backbones.preprocessing_record(bb, variant, input_size)
     return {
@@ -43,6 +45,8 @@ def describe(backbone: str, variant: str, input_size: int | None, weights_root="
         "preprocessing_fingerprint": backbones.fingerprint(record),
         "weights": files.read_json(Path(weights_root) / bb.name / "identity.json"),
         "manifest_sha256": data.manifest_sha256(split_dir),
+        "precision": precision[0],
+        "precision_reason": precision[1],
     }
 
 
@@ -61,3 +65,11 @@ def check_same(trained: dict, scored: dict, what: str) -> None:
             f"refusing to score {what}: its inputs differ from those it was trained on\n{lines}\n"
             f"  training record: {a}\n  scoring record:  {b}"
         )
+
+
+def require_precision(found: str | None, expected: str, what: str) -> None:
+    """Refuse inputs computed under another precision, naming both: precision is provenance too."""
+    if found != expected:
+        raise ProvenanceMismatch(
+            f"{what} was computed under precision {found!r}, but this run uses {expected!r}; "
+            "run the whole pipeline under one compute.precision (dvc repro re-runs what is stale)")

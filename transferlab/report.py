@@ -55,7 +55,7 @@ def table(runs: list[dict]) -> pd.DataFrame:
     rows = [_row(run) for run in runs]
     group_columns = sorted({c for row in rows for c in row if c.startswith("accuracy[")})
     columns = [
-        "run_name", "backbone", "method", "preprocessing", "weights",
+        "run_name", "backbone", "method", "preprocessing", "precision", "weights",
         "accuracy", "accuracy_lo", "accuracy_hi", "balanced_accuracy", "macro_f1",
         *group_columns,
         "train_seconds", "preprocessing_fingerprint", "weights_checksum", "manifest_sha256",
@@ -77,6 +77,7 @@ def _row(run: dict) -> dict:
         "backbone": record.get("backbone"),
         "method": record.get("method"),
         "preprocessing": pre.get("variant"),
+        "precision": record.get("precision"),
         "weights": label,
         "train_seconds": np.nan if label == UNAVAILABLE else record.get("train_seconds", np.nan),
         "preprocessing_fingerprint": record.get("preprocessing_fingerprint"),
@@ -166,7 +167,7 @@ def _run_links(run: dict, out_dir: Path) -> str:
 
 def _markdown_table(df: pd.DataFrame, runs: list[dict], out_dir: Path) -> str:
     group_columns = [c for c in df.columns if c.startswith("accuracy[")]
-    header = ["run", "backbone", "method", "preprocessing", "weights", "accuracy [95% CI]",
+    header = ["run", "backbone", "method", "preprocessing", "precision", "weights", "accuracy [95% CI]",
               "balanced acc.", "macro-F1", *[c.replace("accuracy", "acc.", 1) for c in group_columns],
               "train s", "preprocessing fingerprint", "weights checksum", "manifest sha256", "links"]
     body = []
@@ -176,7 +177,8 @@ def _markdown_table(df: pd.DataFrame, runs: list[dict], out_dir: Path) -> str:
         else:
             accuracy = f"{r['accuracy']:.3f} [{r['accuracy_lo']:.3f}, {r['accuracy_hi']:.3f}]"
         cells = [
-            f"`{r['run_name']}`", *[_text(r[c]) for c in ["backbone", "method", "preprocessing", "weights"]],
+            f"`{r['run_name']}`",
+            *[_text(r[c]) for c in ["backbone", "method", "preprocessing", "precision", "weights"]],
             accuracy, *[_num(r[c]) for c in ["balanced_accuracy", "macro_f1", *group_columns]],
             _num(r["train_seconds"], 1),
             *[_code(r[c]) for c in ["preprocessing_fingerprint", "weights_checksum", "manifest_sha256"]],
@@ -257,6 +259,7 @@ def _audit_run(run: dict) -> list[str]:
         f"- **Preprocessing** {_code(record.get('preprocessing_fingerprint'))}: "
         f"{describe_preprocessing(record.get('preprocessing') or {})}.",
         f"- **Weights:** {weights}.",
+        f"- **Precision:** {_code(record.get('precision'))} ({record.get('precision_reason', MISSING)}).",
         f"- **Data:** split manifest sha256 {_code(record.get('manifest_sha256'))}.",
         f"- **Run:** {'; '.join(run_info)}.",
     ]
@@ -321,8 +324,14 @@ def _disagreements(records: list[dict]) -> list[str]:
             f"- **Data:** runs used {len(manifests)} different split manifests ({_listing(manifests)}); "
             "their accuracies were measured on different test sets and are not directly comparable."
         )
+    precisions = _distinct(records, lambda r: r.get("precision"))
+    if len(precisions) > 1:
+        notes.append(
+            f"- **Precision:** runs were computed in {len(precisions)} precisions ({_listing(precisions)}); "
+            "accuracy differences between them include the numeric precision."
+        )
     return notes or ["None: each backbone's runs share one preprocessing fingerprint and one weights "
-                     "checksum, and all runs share one split manifest."]
+                     "checksum, and all runs share one split manifest and one precision."]
 
 
 def _distinct(records: list[dict], key) -> dict:

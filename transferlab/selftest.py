@@ -49,7 +49,7 @@ def classify(model, backbone: backbones.Backbone, photo: np.ndarray, variant: st
     """(preprocessing record, class probabilities) for one photo under one variant."""
     record = backbones.preprocessing_record(backbone, variant, backbone.input_size)
     x = backbones.normalise(images.resize(photo[None], record), record)
-    probs = np.asarray(model(x, training=False))[0]
+    probs = np.asarray(model(x, training=False)).astype(np.float32)[0]  # bfloat16/float16 under a mixed policy
     return record, probs
 
 

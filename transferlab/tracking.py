@@ -107,6 +107,7 @@ def identity_tags(record: dict) -> dict:
         "preprocessing": record["preprocessing"]["variant"],
         "preprocessing_fingerprint": record["preprocessing_fingerprint"],
         "input_size": str(record["input_size"]),
+        "precision": str(record.get("precision")),
         "weights": weights["label"],
         "weights_pretrained": str(weights["pretrained"]).lower(),
         "weights_array_checksum": weights.get("array_checksum") or "none",
