@@ -176,7 +176,7 @@ def test_exp_show_with_the_readmes_patterns_is_a_column_pair_per_run(repo):
     """README's `dvc exp show --only-changed` patterns: dependency hashes and the secondary metrics go."""
     repo, env = repo
     readme = (ROOT / "README.md").read_text()
-    drop = ["(stages|transferlab|data|models|features|runs)(/|$)|results/selftest", ".*:(?!(balanced_)?accuracy$)"]
+    drop = ["(stages|transferlab|data|models|features|runs)(/|$)|results/(selftest|eval)", ".*:(?!(balanced_)?accuracy$)"]
     assert f"dvc exp show --only-changed --drop '{drop[0]}' --drop '{drop[1]}'" in readme
     table = sh("dvc", "exp", "show", "--only-changed", "--md", *(a for d in drop for a in ("--drop", d)),
                cwd=repo, env=env)
