@@ -6,9 +6,10 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from helpers import ROOT, make_image_tree
 
-from transferlab import backbones, features, precision, train
+from transferlab import backbones, features, files, params, precision, train
 
 HEAD = {"units": 16, "dropout": 0.0, "dropout_position": "after_dense", "pooling": "avg"}
 CFG = {"seed": 0, "epochs": 2, "batch_size": 8, "optimizer": "adam", "learning_rate": 0.01, "momentum": 0.9}
@@ -32,8 +33,10 @@ def test_explicit_settings_are_kept_and_bad_ones_refused(tmp_path):
         assert precision.resolve(name, {"avx512_bf16"}, [(8, 0)]) == (name, "set in params")
     with pytest.raises(ValueError, match=r"compute.precision must be one of .*'float16'"):
         precision.resolve("float16")
-    with pytest.raises(SystemExit, match="params.yaml: compute.precision must be one of"):
-        precision.from_params({"compute": {"precision": "bf16"}})
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["compute"]["precision"] = "bf16"
+    with pytest.raises(params.ParamsError, match="compute.precision: must be one of float32, mixed_bfloat16, mixed_float16, auto, got 'bf16'"):
+        params.validate(raw)
 
 
 def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
@@ -167,7 +170,9 @@ def test_end_to_end_logits_match_the_head_on_extracted_features_exactly_under_bf
     paths = sorted(str(p) for p in root.rglob("*.png"))
     labels = [0] * 8 + [1] * 8
     record = backbones.preprocessing_record(backbones.get("vgg16"), "native", 16)
-    features.extract_split(features.extractor(base, None, False), paths, labels, paths, record, 8, tmp_path / "f", "t")
+    stats = features.extract_split(features.extractor(base, None, False), paths, labels, paths, record, 8,
+                                   tmp_path / "f", "t")
+    files.write_json(tmp_path / "meta.json", {"splits": {"f": stats}})
     _, _, pooled = features.load_split(tmp_path, "f")
     bottleneck = train.predict_logits(head, train.feature_dataset(pooled, labels, 8))
     images = train.predict_logits(end_to_end, features.image_dataset(paths, labels, record, 8))

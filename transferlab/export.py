@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from transferlab import backbones, data, files, predict, provenance, tracking, train, weights
+from transferlab import backbones, data, files, precision, predict, provenance, tracking, train, weights
 
 ALIAS = "champion"
 # Probabilities of the exported model vs evaluate's softmax(logits): same weights and bit-identical
@@ -81,10 +81,7 @@ def preprocessing_layers(inputs, record: dict):
 def build(record: dict, run_dir: Path, n_classes: int, weights_root: Path) -> keras.Model:
     """Images -> preprocessing -> backbone -> pooling -> head -> softmax, with the run's trained weights."""
     bb, head_cfg = backbones.get(record["backbone"]), record["params"]["head"]
-    policy = record.get("precision") or "float32"
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(policy)
-    try:
+    with precision.policy(record["precision"]):  # the precision it was trained and scored in
         if record["method"] == "bottleneck":  # the features came from these very backbone weights
             base = weights.load_backbone(bb, Path(weights_root) / bb.name, input_size=record["input_size"])
             head = train.head_for(base, n_classes, head_cfg, 0)
@@ -97,8 +94,6 @@ def build(record: dict, run_dir: Path, n_classes: int, weights_root: Path) -> ke
         inputs = keras.Input((None, None, 3), dtype="uint8", name="images")
         logits = network(preprocessing_layers(inputs, record["preprocessing"]))
         probabilities = keras.layers.Softmax(dtype="float32", name="probabilities")(logits)
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
     return keras.Model(inputs, probabilities, name=f"transferlab_{bb.name}")
 
 
@@ -121,7 +116,7 @@ def metadata(record: dict, classes: list[str], selection: dict) -> dict:
         "preprocessing_fingerprint": record["preprocessing_fingerprint"],
         "weights": record["weights"],
         "manifest_sha256": record["manifest_sha256"],
-        "precision": record.get("precision") or "float32",
+        "precision": record["precision"],
         "selection": selection,
     }
 
@@ -238,5 +233,5 @@ def example_image(split_dir: Path) -> np.ndarray:
 def check_provenance(record: dict, weights_root: Path, split_dir: Path) -> None:
     """The inputs of today must be those the run was trained with (same check as evaluate's)."""
     current = provenance.describe(record["backbone"], record["preprocessing"]["variant"], record["input_size"],
-                                  weights_root, split_dir)
+                                  (record["precision"], "as trained"), weights_root, split_dir)
     provenance.check_same(record, current, record["run_name"])
