@@ -292,10 +292,20 @@ def test_saved_model_for_tf_serving_has_the_documented_signature(repo):
     assert output.shape == (2, 3) and np.allclose(output.numpy().sum(1), 1.0, atol=1e-5)
 
 
-def test_champion_alias_carries_the_identity_and_a_reexport_adds_no_version(repo, monkeypatch):
+def test_champion_alias_carries_the_identity_and_a_reexport_adds_no_version(repo):
     repo, env = repo
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])  # the registry follows it
-    client = mlflow.MlflowClient()
+    # in-process tests before this one may have set MLflow's global URIs, which win over the variable
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    mlflow.set_registry_uri(env["MLFLOW_TRACKING_URI"])
+    try:
+        check_champion(repo, env, mlflow.MlflowClient())
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
+
+
+def check_champion(repo, env, client):
     meta = read(repo, "models/export/model.json")
     name = meta["mlflow"]["name"]
     assert name == "transferlab-images"  # the folder's name: one registered model per dataset
