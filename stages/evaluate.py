@@ -31,11 +31,8 @@ def test_logits(record: dict, run_dir: Path, manifest: pd.DataFrame, n_classes: 
         with precision.policy(record.get("precision")):
             head = train.load_head(run_dir / "head.weights.h5", x.shape[1:], n_classes, head_cfg)
         return ids, labels, head.predict(x, verbose=0)
-    # scored in the precision it was trained in, as with its input size and preprocessing
-    current = provenance.describe(record["backbone"], record["preprocessing"]["variant"], record["input_size"],
-                                  (record.get("precision"), "as trained"))
-    provenance.check_same(record, current, record["run_name"])
-    with precision.policy(current["precision"]):
+    provenance.check_current(record)
+    with precision.policy(record.get("precision")):
         base = backbones.get(record["backbone"]).build(False, None, record["input_size"])
         model = train.end_to_end(base, train.head_for(base, n_classes, head_cfg, 0), head_cfg["pooling"])
     model.load_weights(run_dir / "model.weights.h5")

@@ -23,7 +23,7 @@ def main() -> None:
         found = export.candidates(Path("runs"), Path("results/eval"))
         chosen = export.choose(found, cfg["run"])
         record = provenance.load(Path("runs") / chosen["run_name"] / "run.json")
-        export.check_provenance(record, weights_root, split_dir)
+        provenance.check_current(record, weights_root, split_dir)
         classes = data.load_classes(split_dir)
         model = export.build(record, Path("runs") / chosen["run_name"], len(classes), weights_root)
         equivalence = export.check_equivalence(model, Path("results/eval") / chosen["run_name"] / "predictions.csv",

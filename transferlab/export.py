@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from transferlab import backbones, data, files, precision, predict, provenance, tracking, train, weights
+from transferlab import backbones, data, files, precision, predict, tracking, train, weights
 
 ALIAS = "champion"
 # Probabilities of the exported model vs evaluate's softmax(logits): same weights and bit-identical
@@ -210,14 +210,13 @@ def register(model: keras.Model, meta: dict, record: dict, name: str, example: n
 @contextlib.contextmanager
 def _training_run(mlflow, client, record: dict):
     """The training run, reopened with its end time and status put back (its duration stays honest)."""
-    try:
-        previous = client.get_run(record.get("mlflow_run_id")).info
-    except Exception:  # the training run lives in another store: a linked run keeps the model and the link
+    if not tracking.run_exists(client, record.get("mlflow_run_id")):  # trained in another store: a linked run
         with mlflow.start_run(run_name=f"export/{record['run_name']}",
                               tags={**tracking.identity_tags(record),
                                     "linked_training_run": str(record.get("mlflow_run_id"))}) as active:
             yield active
         return
+    previous = client.get_run(record["mlflow_run_id"]).info
     with mlflow.start_run(run_id=previous.run_id) as active:
         yield active
     client.set_terminated(previous.run_id, previous.status, previous.end_time)
@@ -228,10 +227,3 @@ def example_image(split_dir: Path) -> np.ndarray:
     manifest = data.load_manifest(split_dir)
     first = manifest[manifest["split"] == "test"].head(1)
     return predict.read_image(data.resolve_paths(first, split_dir)[0])[None]
-
-
-def check_provenance(record: dict, weights_root: Path, split_dir: Path) -> None:
-    """The inputs of today must be those the run was trained with (same check as evaluate's)."""
-    current = provenance.describe(record["backbone"], record["preprocessing"]["variant"], record["input_size"],
-                                  (record["precision"], "as trained"), weights_root, split_dir)
-    provenance.check_same(record, current, record["run_name"])

@@ -50,6 +50,14 @@ def describe(backbone: str, variant: str, input_size: int | None, precision: tup
     }
 
 
+def check_current(record: dict, weights_root="models/weights", split_dir="data/split") -> None:
+    """Today's inputs (weights, manifest, preprocessing) must be those a trained run recorded; it is
+    scored or exported in the precision it was trained in, as with its input size and preprocessing."""
+    current = describe(record["backbone"], record["preprocessing"]["variant"], record["input_size"],
+                       (record.get("precision"), "as trained"), weights_root, split_dir)
+    check_same(record, current, record["run_name"])
+
+
 def _checked(record: dict) -> dict:
     values = {k: record.get(k) for k in CHECKED if k != "weights_array_checksum"}
     values["weights_array_checksum"] = record["weights"].get("array_checksum")

@@ -255,7 +255,7 @@ def link_runs(runs: list[dict]) -> dict:
     for run_ in runs:
         record = run_["record"]
         run_id = record.get("mlflow_run_id")
-        if not _exists(client, run_id):
+        if not run_exists(client, run_id):
             tags = {**identity_tags(record), "linked_training_run": str(run_id), "mlflow.parentRunId": parent}
             run_id = client.create_run(experiment_id, run_name=f"evaluate/{record['run_name']}", tags=tags).info.run_id
             client.set_terminated(run_id)
@@ -263,7 +263,8 @@ def link_runs(runs: list[dict]) -> dict:
     return {"group": run_url(experiment_id, parent), "runs": runs_view_url(experiment_id)}
 
 
-def _exists(client: mlflow.MlflowClient, run_id: str | None) -> bool:
+def run_exists(client: mlflow.MlflowClient, run_id: str | None) -> bool:
+    """Whether ``run_id`` is a live run of this store (runs/ may come from another machine's store)."""
     try:
         return run_id is not None and client.get_run(run_id).info.lifecycle_stage == "active"
     except MlflowException:
