@@ -13,17 +13,15 @@ ceiling. (b)/(c) >= 2 needs a machine whose forward pass is at least as fast as 
 
     python benchmarks/extract_throughput.py --backbone vgg16 --input-size 128 --images 512
 """
+
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import tensorflow as tf
 
-import tensorflow as tf  # noqa: E402
-
-from transferlab import backbones, data, features  # noqa: E402
+from transferlab import backbones, data, features
 
 
 def best_of(repeats: int, fn) -> float:
@@ -51,7 +49,8 @@ def main() -> None:
     paths = [str(p) for p in sorted(data.elpv_root().glob("images/*.png"))[: args.images]]
     labels = [i % 2 for i in range(len(paths))]  # two class folders for the recipe; speed ignores labels
     n, bs = len(paths), args.batch_size
-    print(f"{bb.name} at {args.input_size}px, batch {bs}, {n} ELPV images, {tf.config.threading.get_inter_op_parallelism_threads() or 'all'} threads")
+    threads = tf.config.threading.get_inter_op_parallelism_threads() or "all"
+    print(f"{bb.name} at {args.input_size}px, batch {bs}, {n} ELPV images, {threads} threads")
 
     forward = tf.function(lambda x: model(x, training=False), autograph=False)
     batch = tf.random.uniform((bs, args.input_size, args.input_size, 3), 0, 255)
@@ -65,8 +64,9 @@ def main() -> None:
 
     def stage():
         with tempfile.TemporaryDirectory() as tmp:
-            stats = features.extract_split(model, paths, labels, [str(i) for i in range(n)], record, bs,
-                                           Path(tmp), "stage path")
+            stats = features.extract_split(
+                model, paths, labels, [str(i) for i in range(n)], record, bs, Path(tmp), "stage path"
+            )
         return stats["images_per_second"]
 
     def recipe(load_only: bool):
@@ -79,7 +79,8 @@ def main() -> None:
             module, fn = bb.keras_preprocess.rsplit(".", 1)
             preprocess = getattr(__import__(module, fromlist=[fn]), fn)
             gen = ImageDataGenerator(preprocessing_function=preprocess).flow_from_directory(
-                tmp, target_size=(args.input_size, args.input_size), batch_size=bs, class_mode=None, shuffle=False)
+                tmp, target_size=(args.input_size, args.input_size), batch_size=bs, class_mode=None, shuffle=False
+            )
             start = time.perf_counter()
             if load_only:
                 count = sum(len(gen[i]) for i in range(len(gen)))
@@ -96,8 +97,10 @@ def main() -> None:
     print(f"(c) flow_from_directory + model.predict : {c:8.1f} img/s")
     print(f"    its loading alone, without the model  : {loading:8.1f} img/s")
     print(f"(b)/(a) = {b / a:.2f}  (target >= 0.9)")
-    print(f"(b)/(c) = {b / c:.2f}  (target >= 2; no loader can exceed (a)/(c) = {a / c:.2f} here, "
-          f"where the forward pass runs at {a:.0f} img/s and the recipe's loading at {loading:.0f})")
+    print(
+        f"(b)/(c) = {b / c:.2f}  (target >= 2; no loader can exceed (a)/(c) = {a / c:.2f} here, "
+        f"where the forward pass runs at {a:.0f} img/s and the recipe's loading at {loading:.0f})"
+    )
 
 
 if __name__ == "__main__":

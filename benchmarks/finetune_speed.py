@@ -8,16 +8,13 @@ paid once, by extract_features, and is not counted. Weights are random: speed do
 
     python benchmarks/finetune_speed.py --backbone vgg16 --cut block5_conv1 --input-size 128 --images 256
 """
+
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import keras
 
-import keras  # noqa: E402
-
-from transferlab import backbones, data, features, train  # noqa: E402
+from transferlab import backbones, data, features, train
 
 HEAD = {"units": 256, "dropout": 0.5, "dropout_position": "after_dense", "pooling": "avg"}
 
@@ -58,11 +55,14 @@ def main() -> None:
     labels = [i % 4 for i in range(len(paths))]
     base = bb.build(False, None, args.input_size)
     images = features.image_dataset(paths, labels, record, args.batch_size, shuffle_seed=0)
-    print(f"{bb.name} at {args.input_size}px, cut {args.cut} (boundary {boundary}), "
-          f"batch {args.batch_size}, {len(paths)} ELPV images")
+    print(
+        f"{bb.name} at {args.input_size}px, cut {args.cut} (boundary {boundary}), "
+        f"batch {args.batch_size}, {len(paths)} ELPV images"
+    )
 
     cache = features.extractor(base, boundary, False).predict(
-        features.image_dataset(paths, labels, record, args.batch_size), verbose=0)
+        features.image_dataset(paths, labels, record, args.batch_size), verbose=0
+    )
 
     def sgd():
         return train.make_optimizer("sgd", 1e-4, 0.9)
@@ -70,15 +70,22 @@ def main() -> None:
     train.configure_base(base, boundary, False)
     head = train.head_for(base, 4, HEAD, 0)
     full = epoch_seconds(train.end_to_end(base, head, "avg"), images, sgd(), args.epochs)
-    cached = epoch_seconds(train.top_model(base, boundary, head, "avg"),
-                           train.feature_dataset(cache["cut"], labels, args.batch_size, 0), sgd(), args.epochs)
+    cached = epoch_seconds(
+        train.top_model(base, boundary, head, "avg"),
+        train.feature_dataset(cache["cut"], labels, args.batch_size, 0),
+        sgd(),
+        args.epochs,
+    )
 
     train.configure_base(base, None, False)
     head = train.head_for(base, 4, HEAD, 0)
-    frozen = epoch_seconds(train.end_to_end(base, head, "avg"), images, train.make_optimizer("adam", 1e-3),
-                           args.epochs)
-    on_features = epoch_seconds(head, train.feature_dataset(cache["pooled"], labels, args.batch_size, 0),
-                                train.make_optimizer("adam", 1e-3), args.epochs)
+    frozen = epoch_seconds(train.end_to_end(base, head, "avg"), images, train.make_optimizer("adam", 1e-3), args.epochs)
+    on_features = epoch_seconds(
+        head,
+        train.feature_dataset(cache["pooled"], labels, args.batch_size, 0),
+        train.make_optimizer("adam", 1e-3),
+        args.epochs,
+    )
 
     print(f"finetune_top, full path (images)         : {full:8.2f} s/epoch")
     print(f"finetune_top, cached cut activations     : {cached:8.2f} s/epoch")

@@ -7,6 +7,7 @@ percentile bootstrap over images. Runs whose test images or labels differ are re
 
     python benchmarks/precision_compare.py A_DIR B_DIR [--names A B]
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -27,8 +28,15 @@ def paired(a: pd.DataFrame, b: pd.DataFrame, bootstrap: int = 2000, seed: int = 
     rng = np.random.default_rng(seed)
     means = d[rng.integers(0, len(d), size=(bootstrap, len(d)))].mean(axis=1)
     lo, hi = np.percentile(means, [2.5, 97.5])
-    return {"n": len(d), "accuracy_a": ca.mean(), "accuracy_b": cb.mean(), "difference": d.mean(),
-            "ci95": (float(lo), float(hi)), "only_a_right": int((d < 0).sum()), "only_b_right": int((d > 0).sum())}
+    return {
+        "n": len(d),
+        "accuracy_a": ca.mean(),
+        "accuracy_b": cb.mean(),
+        "difference": d.mean(),
+        "ci95": (float(lo), float(hi)),
+        "only_a_right": int((d < 0).sum()),
+        "only_b_right": int((d > 0).sum()),
+    }
 
 
 def compare(dir_a: Path, dir_b: Path) -> pd.DataFrame:
@@ -38,8 +46,9 @@ def compare(dir_a: Path, dir_b: Path) -> pd.DataFrame:
     for run in runs:
         if not (Path(dir_b) / run / "predictions.csv").is_file():
             continue
-        stats = paired(pd.read_csv(Path(dir_a) / run / "predictions.csv"),
-                       pd.read_csv(Path(dir_b) / run / "predictions.csv"))
+        stats = paired(
+            pd.read_csv(Path(dir_a) / run / "predictions.csv"), pd.read_csv(Path(dir_b) / run / "predictions.csv")
+        )
         rows.append({"run": run, **stats})
     if not rows:
         raise ValueError(f"no run was scored in both {dir_a} and {dir_b}")
@@ -58,11 +67,15 @@ def main() -> None:
     except ValueError as error:
         sys.exit(f"precision_compare: {error}")
     width = max(len(r) for r in table["run"])
-    print(f"{'run':{width}s}  {name_a:>16s}  {name_b:>16s}  {name_b + ' - ' + name_a:>22s}  95% interval (paired)"
-          "  only-A-right  only-B-right")
+    print(
+        f"{'run':{width}s}  {name_a:>16s}  {name_b:>16s}  {name_b + ' - ' + name_a:>22s}  95% interval (paired)"
+        "  only-A-right  only-B-right"
+    )
     for r in table.itertuples():
-        print(f"{r.run:{width}s}  {r.accuracy_a:16.4f}  {r.accuracy_b:16.4f}  {r.difference:+22.4f}  "
-              f"[{r.ci95[0]:+.4f}, {r.ci95[1]:+.4f}]  {r.only_a_right:12d}  {r.only_b_right:12d}")
+        print(
+            f"{r.run:{width}s}  {r.accuracy_a:16.4f}  {r.accuracy_b:16.4f}  {r.difference:+22.4f}  "
+            f"[{r.ci95[0]:+.4f}, {r.ci95[1]:+.4f}]  {r.only_a_right:12d}  {r.only_b_right:12d}"
+        )
     print(f"(n = {table['n'].iloc[0]} test images per run; interval: bootstrap over images, 2000 resamples)")
 
 

@@ -8,16 +8,25 @@ run), reports/ (tables, audit, plots, and the tables `dvc plots` draws) and the 
 trained the model, with its figures; the reports also go into the MLflow run of this
 `dvc repro`'s group.
 """
-import sys
+
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pandas as pd
 
-import pandas as pd  # noqa: E402
-
-from transferlab import (backbones, data, dvcfiles, features, files, metrics, precision, provenance, report,  # noqa: E402
-                         tracking, train)
-from transferlab.params import load_for_stage  # noqa: E402
+from transferlab import (
+    backbones,
+    data,
+    dvcfiles,
+    features,
+    files,
+    metrics,
+    precision,
+    provenance,
+    report,
+    tracking,
+    train,
+)
+from transferlab.params import load_for_stage
 
 
 def test_logits(record: dict, run_dir: Path, manifest: pd.DataFrame, n_classes: int):
@@ -45,8 +54,11 @@ def run_dirs(params: dict) -> list[Path]:
     """The runs the current params define; leftovers of other settings under runs/ are not scored."""
     extract, finetune = params["extract"], params["finetune"]
     pairs = [Path("runs/train_head") / f"{b}-{p}" for b in extract["backbones"] for p in extract["preprocessing"]]
-    return pairs + [Path("runs") / m / f"{b}-{finetune['preprocessing']}"
-                    for m in finetune["methods"] for b in finetune["backbones"]]
+    return pairs + [
+        Path("runs") / m / f"{b}-{finetune['preprocessing']}"
+        for m in finetune["methods"]
+        for b in finetune["backbones"]
+    ]
 
 
 def main() -> None:
@@ -72,12 +84,14 @@ def main() -> None:
         run["history"] = pd.read_csv(run_dir / "history.csv")
         out = Path("results/eval") / record["run_name"]
         out.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame({"id": ids, "label": labels, "pred": pred,
-                      **{f"logit_{c}": logits[:, i] for i, c in enumerate(classes)}}).to_csv(
-            out / "predictions.csv", index=False)
+        pd.DataFrame(
+            {"id": ids, "label": labels, "pred": pred, **{f"logit_{c}": logits[:, i] for i, c in enumerate(classes)}}
+        ).to_csv(out / "predictions.csv", index=False)
         files.write_json(out / "metrics.json", run["metrics"])
-        print(f"{record['run_name']}: test accuracy {run['metrics']['accuracy']:.3f} "
-              f"[{run['metrics']['accuracy_ci95'][0]:.3f}, {run['metrics']['accuracy_ci95'][1]:.3f}]")
+        print(
+            f"{record['run_name']}: test accuracy {run['metrics']['accuracy']:.3f} "
+            f"[{run['metrics']['accuracy_ci95'][0]:.3f}, {run['metrics']['accuracy_ci95'][1]:.3f}]"
+        )
     urls = tracking.link_runs(runs)
     report.write(runs, Path("reports"), urls)
     tracking.log_evaluation(runs, Path("reports"), Path("results/eval"))

@@ -4,13 +4,12 @@ Usage: python stages/extract_features.py BACKBONE PREPROCESSING
 Writes features/BACKBONE-PREPROCESSING/{train,val,test}/ and meta.json (how they were made), and the
 extraction speed to results/extract_features/BACKBONE-PREPROCESSING.json.
 """
+
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from transferlab import backbones, data, features, files, precision, provenance, weights  # noqa: E402
-from transferlab.params import load_for_stage  # noqa: E402
+from transferlab import backbones, data, features, files, precision, provenance, weights
+from transferlab.params import load_for_stage
 
 
 def main(name: str, variant: str) -> None:
@@ -36,8 +35,15 @@ def main(name: str, variant: str) -> None:
             for split in features.SPLITS:
                 rows = manifest[manifest["split"] == split]
                 stats = features.extract_split(
-                    model, rows["abspath"].tolist(), rows["class_index"].tolist(), rows["id"].tolist(),
-                    meta["preprocessing"], extract["batch_size"], out / split, f"{name}-{variant} {split}")
+                    model,
+                    rows["abspath"].tolist(),
+                    rows["class_index"].tolist(),
+                    rows["id"].tolist(),
+                    meta["preprocessing"],
+                    extract["batch_size"],
+                    out / split,
+                    f"{name}-{variant} {split}",
+                )
                 speed[split] = {k: stats.pop(k) for k in ("seconds", "images_per_second")}
                 meta["splits"][split] = stats
         files.write_json(out / "meta.json", meta)

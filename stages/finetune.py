@@ -7,17 +7,15 @@ finetune_top: unfreezes the base above its cut point, starting from train_head's
   cached cut-point activations unless augmentation or a different input size needs the images.
 Writes runs/METHOD/PAIR/ (model weights, history, run.json) and DVCLive files in results/METHOD/PAIR/.
 """
+
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import mlflow
+import numpy as np
 
-import mlflow  # noqa: E402
-import numpy as np  # noqa: E402
-
-from transferlab import backbones, data, features, files, precision, provenance, tracking, train, weights  # noqa: E402
-from transferlab.params import FINETUNE_METHODS, load_for_stage  # noqa: E402
-
+from transferlab import backbones, data, features, files, precision, provenance, tracking, train, weights
+from transferlab.params import FINETUNE_METHODS, load_for_stage
 
 
 def parity(model, head_cfg: dict, n_classes: int, pair: str, val_images, pooling: str, batch_size: int) -> dict:
@@ -27,8 +25,10 @@ def parity(model, head_cfg: dict, n_classes: int, pair: str, val_images, pooling
     bottleneck = train.predict_logits(head, train.feature_dataset(x_val, y_val, batch_size))
     end_to_end = train.predict_logits(model, val_images)
     acc = lambda logits: float(np.mean(logits.argmax(1) == y_val))  # noqa: E731
-    return {"parity_max_abs_logit_diff": float(np.abs(bottleneck - end_to_end).max()),
-            "parity_val_accuracy_diff": acc(end_to_end) - acc(bottleneck)}
+    return {
+        "parity_max_abs_logit_diff": float(np.abs(bottleneck - end_to_end).max()),
+        "parity_val_accuracy_diff": acc(end_to_end) - acc(bottleneck),
+    }
 
 
 def main(method: str, name: str) -> None:
@@ -44,12 +44,23 @@ def main(method: str, name: str) -> None:
     input_size = ablation["input_size"] or meta["input_size"]
     boundary = backbones.cut_boundary(bb, ft["cut_point"].get(name, "")) if method == "finetune_top" else None
     record = provenance.describe(name, ft["preprocessing"], input_size, precision.from_params(params))
-    record.update(run_name=f"{method}/{pair}", stage="finetune", method=method, status="trained",
-                  params={"train" if method == "frozen_end_to_end" else "finetune": cfg, "head": head_cfg,
-                          "ablation": ablation, "cut_boundary": boundary,
-                          "compute": {"precision": record["precision"]}})
-    with files.atomic_dir(Path("runs") / method / pair) as out, \
-            files.atomic_dir(Path("results") / method / pair) as live_dir:
+    record.update(
+        run_name=f"{method}/{pair}",
+        stage="finetune",
+        method=method,
+        status="trained",
+        params={
+            "train" if method == "frozen_end_to_end" else "finetune": cfg,
+            "head": head_cfg,
+            "ablation": ablation,
+            "cut_boundary": boundary,
+            "compute": {"precision": record["precision"]},
+        },
+    )
+    with (
+        files.atomic_dir(Path("runs") / method / pair) as out,
+        files.atomic_dir(Path("results") / method / pair) as live_dir,
+    ):
         if meta["status"] == "unavailable":
             tracking.skip_unavailable(out, live_dir, record, params)
             return
@@ -64,9 +75,14 @@ def main(method: str, name: str) -> None:
 
         def images(split: str, shuffle: bool, augmented: bool):
             rows = splits[split]
-            return features.image_dataset(rows["abspath"].tolist(), rows["class_index"].tolist(),
-                                          record["preprocessing"], batch_size, seed if shuffle else None,
-                                          seed + (split == "val") if augmented else None)
+            return features.image_dataset(
+                rows["abspath"].tolist(),
+                rows["class_index"].tolist(),
+                record["preprocessing"],
+                batch_size,
+                seed if shuffle else None,
+                seed + (split == "val") if augmented else None,
+            )
 
         with tracking.run(record, params) as active:
             train.seed_everything(seed)
@@ -78,8 +94,9 @@ def main(method: str, name: str) -> None:
                     head.load_weights(Path("runs/train_head") / pair / "head.weights.h5")
                 full = train.end_to_end(base, head, head_cfg["pooling"])
                 model = train.top_model(base, boundary, head, head_cfg["pooling"]) if cached else full
-                train.compile_model(model, train.make_optimizer(cfg["optimizer"], cfg["learning_rate"],
-                                                                cfg["momentum"]))
+                train.compile_model(
+                    model, train.make_optimizer(cfg["optimizer"], cfg["learning_rate"], cfg["momentum"])
+                )
             if cached:
                 data_sets = []
                 for split in ("train", "val"):
@@ -89,12 +106,23 @@ def main(method: str, name: str) -> None:
                 data_sets = [images("train", True, augment != "none"), images("val", False, augment == "train_and_val")]
             history, seconds = train.fit(model, *data_sets, cfg["epochs"], tracking.callbacks(live_dir))
             full.save_weights(out / "model.weights.h5")
-            record.update(train_seconds=round(seconds, 2), mlflow_run_id=active.info.run_id, cached_path=cached,
-                          val_accuracy=float(history["val_accuracy"].iloc[-1]))
+            record.update(
+                train_seconds=round(seconds, 2),
+                mlflow_run_id=active.info.run_id,
+                cached_path=cached,
+                val_accuracy=float(history["val_accuracy"].iloc[-1]),
+            )
             if method == "frozen_end_to_end":
                 with precision.policy(record["precision"]):  # both paths compute the base in this precision
-                    record["parity"] = parity(full, params["head"], n_classes, pair, images("val", False, False),
-                                              head_cfg["pooling"], batch_size)
+                    record["parity"] = parity(
+                        full,
+                        params["head"],
+                        n_classes,
+                        pair,
+                        images("val", False, False),
+                        head_cfg["pooling"],
+                        batch_size,
+                    )
                 mlflow.log_metrics(record["parity"])
                 print("parity with train_head:", record["parity"])
             tracking.finish(out, record, history)

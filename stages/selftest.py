@@ -2,13 +2,12 @@
 
 Writes results/selftest.json and reports/selftest.md; exits non-zero if a native check fails.
 """
+
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from transferlab import files, precision, selftest  # noqa: E402
-from transferlab.params import load_for_stage  # noqa: E402
+from transferlab import files, precision, selftest
+from transferlab.params import load_for_stage
 
 WEIGHTS_ROOT = Path("models/weights")
 RESULTS = Path("results/selftest.json")

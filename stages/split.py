@@ -4,14 +4,13 @@ Reads the ``data:`` section of params.yaml and writes data/split/ (see transferl
 Data problems end the stage with one message naming all of them and exit status 1,
 without writing anything.
 """
+
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from transferlab import data  # noqa: E402
-from transferlab.params import load_for_stage  # noqa: E402
+from transferlab import data
+from transferlab.params import load_for_stage
 
 SPLIT_DIR = Path("data/split")
 
@@ -26,8 +25,10 @@ def main() -> None:
     data.write_split(split, SPLIT_DIR)
     sizes = ", ".join(f"{name} {split.summary['splits'][name]['total']}" for name in data.SPLITS)
     skipped = f"; {len(split.bad_files)} bad files left out (bad_files.csv)" if len(split.bad_files) else ""
-    print(f"split: {len(split.manifest)} images, {len(split.classes)} classes ({sizes}){skipped} "
-          f"-> {SPLIT_DIR} in {time.perf_counter() - start:.1f} s")
+    print(
+        f"split: {len(split.manifest)} images, {len(split.classes)} classes ({sizes}){skipped} "
+        f"-> {SPLIT_DIR} in {time.perf_counter() - start:.1f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -3,13 +3,12 @@
 Usage: python stages/train_head.py BACKBONE PREPROCESSING
 Writes runs/train_head/PAIR/ (head weights, history, run.json) and DVCLive files in results/train_head/PAIR/.
 """
+
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from transferlab import data, features, files, precision, provenance, tracking, train  # noqa: E402
-from transferlab.params import load_for_stage  # noqa: E402
+from transferlab import data, features, files, precision, provenance, tracking, train
+from transferlab.params import load_for_stage
 
 
 def main(name: str, variant: str) -> None:
@@ -17,13 +16,22 @@ def main(name: str, variant: str) -> None:
     cfg, head_cfg = params["train"], params["head"]
     pair = f"{name}-{variant}"
     meta = provenance.load(Path("features") / pair / "meta.json")
-    record = {k: meta[k] for k in ("backbone", "input_size", "preprocessing", "preprocessing_fingerprint",
-                                   "weights", "manifest_sha256")}
+    record = {
+        k: meta[k]
+        for k in ("backbone", "input_size", "preprocessing", "preprocessing_fingerprint", "weights", "manifest_sha256")
+    }
     record["precision"], record["precision_reason"] = precision.from_params(params)
-    record.update(run_name=f"train_head/{pair}", stage="train_head", method="bottleneck", status="trained",
-                  params={"train": cfg, "head": head_cfg, "compute": {"precision": record["precision"]}})
-    with files.atomic_dir(Path("runs/train_head") / pair) as out, \
-            files.atomic_dir(Path("results/train_head") / pair) as live_dir:
+    record.update(
+        run_name=f"train_head/{pair}",
+        stage="train_head",
+        method="bottleneck",
+        status="trained",
+        params={"train": cfg, "head": head_cfg, "compute": {"precision": record["precision"]}},
+    )
+    with (
+        files.atomic_dir(Path("runs/train_head") / pair) as out,
+        files.atomic_dir(Path("results/train_head") / pair) as live_dir,
+    ):
         if meta["status"] == "unavailable":
             tracking.skip_unavailable(out, live_dir, record, params)
             return
@@ -32,11 +40,15 @@ def main(name: str, variant: str) -> None:
         _, y_train, x_train = features.load_split(Path("features") / pair, "train", output)
         _, y_val, x_val = features.load_split(Path("features") / pair, "val", output)
         with tracking.run(record, params) as active, precision.policy(record["precision"]):
-            head, history, seconds = train.train_head(x_train, y_train, x_val, y_val, len(data.load_classes()),
-                                                      cfg, head_cfg, tracking.callbacks(live_dir))
+            head, history, seconds = train.train_head(
+                x_train, y_train, x_val, y_val, len(data.load_classes()), cfg, head_cfg, tracking.callbacks(live_dir)
+            )
             head.save_weights(out / "head.weights.h5")
-            record.update(train_seconds=round(seconds, 2), mlflow_run_id=active.info.run_id,
-                          val_accuracy=float(history["val_accuracy"].iloc[-1]))
+            record.update(
+                train_seconds=round(seconds, 2),
+                mlflow_run_id=active.info.run_id,
+                val_accuracy=float(history["val_accuracy"].iloc[-1]),
+            )
             tracking.finish(out, record, history)
 
 

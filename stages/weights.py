@@ -4,15 +4,15 @@ Usage: python stages/weights.py <backbone>
 Exits non-zero when a file named in weights.paths cannot be used, or with weights.missing: error;
 otherwise a missing backbone is recorded as "weights unavailable" for later stages to skip and name.
 """
+
 import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from transferlab import backbones, weights
+from transferlab.params import load_for_stage
 
-from transferlab import backbones, weights  # noqa: E402
-from transferlab.params import load_for_stage  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def summary(identity: dict) -> str:

@@ -5,6 +5,7 @@ Typical use::
     from helpers import make_image_tree, tree_fingerprint
     root = make_image_tree(tmp_path / "images", classes={"cat": 12, "dog": 12})
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,8 +35,9 @@ def make_image(class_index: int, n_classes: int, size: int = 32, seed: int = 0) 
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def make_image_tree(root, classes: dict[str, int] | None = None, size: int = 32, seed: int = 0,
-                    suffix: str = ".png") -> Path:
+def make_image_tree(
+    root, classes: dict[str, int] | None = None, size: int = 32, seed: int = 0, suffix: str = ".png"
+) -> Path:
     """Write ``root/<class>/img_000.png ...`` (flow_from_directory layout) and return ``root``.
 
     ``classes`` maps class name -> number of images (default: classes "a", "b", "c" of 12). Classes
@@ -67,7 +69,9 @@ def tree_fingerprint(root) -> dict[str, tuple[str, int]]:
         for name in names:
             path = Path(directory) / name
             result[path.relative_to(root).as_posix()] = (
-                hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns)
+                hashlib.sha256(path.read_bytes()).hexdigest(),
+                path.stat().st_mtime_ns,
+            )
     return result
 
 
@@ -86,18 +90,41 @@ def make_tracking_store(root, epochs: int = 2) -> dict:
     rng = np.random.default_rng(0)
     classes = ["functional", "defective", "possibly defective"]
     runs = []
-    for backbone, variant, available in [("vgg16", "native", True), ("vgg16", "rescale", True),
-                                         ("resnet50", "native", False)]:
+    for backbone, variant, available in [
+        ("vgg16", "native", True),
+        ("vgg16", "rescale", True),
+        ("resnet50", "native", False),
+    ]:
         pre = backbones.preprocessing_record(backbones.get(backbone), variant, 32)
-        weights = ({"status": "random", "pretrained": False, "label": "not pretrained", "array_checksum": "c" * 32,
-                    "file_sha256": "f" * 64} if available else
-                   {"status": "unavailable", "pretrained": False, "label": "weights unavailable",
-                    "message": f"{backbone}: no ImageNet weights;\nput resnet50_notop.h5 in ~/.keras/models/"})
-        record = {"backbone": backbone, "input_size": 32, "preprocessing": pre,
-                  "preprocessing_fingerprint": backbones.fingerprint(pre), "weights": weights,
-                  "manifest_sha256": "d" * 64, "run_name": f"train_head/{backbone}-{variant}", "stage": "train_head",
-                  "method": "bottleneck", "status": "trained",
-                  "params": {"train": params["train"], "head": params["head"]}}
+        weights = (
+            {
+                "status": "random",
+                "pretrained": False,
+                "label": "not pretrained",
+                "array_checksum": "c" * 32,
+                "file_sha256": "f" * 64,
+            }
+            if available
+            else {
+                "status": "unavailable",
+                "pretrained": False,
+                "label": "weights unavailable",
+                "message": f"{backbone}: no ImageNet weights;\nput resnet50_notop.h5 in ~/.keras/models/",
+            }
+        )
+        record = {
+            "backbone": backbone,
+            "input_size": 32,
+            "preprocessing": pre,
+            "preprocessing_fingerprint": backbones.fingerprint(pre),
+            "weights": weights,
+            "manifest_sha256": "d" * 64,
+            "run_name": f"train_head/{backbone}-{variant}",
+            "stage": "train_head",
+            "method": "bottleneck",
+            "status": "trained",
+            "params": {"train": params["train"], "head": params["head"]},
+        }
         out, live = root / "runs" / record["run_name"], root / "results" / record["run_name"]
         out.mkdir(parents=True)
         run = {"record": record, "metrics": None, "history": None}
@@ -106,13 +133,16 @@ def make_tracking_store(root, epochs: int = 2) -> dict:
         else:
             x, y = rng.normal(size=(48, 8)).astype("float32"), rng.integers(0, 3, 48)
             with tracking.run(record, params) as active:
-                head, history, seconds = train.train_head(x[:32], y[:32], x[32:], y[32:], 3, params["train"],
-                                                          params["head"], tracking.callbacks(live))
+                head, history, seconds = train.train_head(
+                    x[:32], y[:32], x[32:], y[32:], 3, params["train"], params["head"], tracking.callbacks(live)
+                )
                 record.update(train_seconds=round(seconds, 2), mlflow_run_id=active.info.run_id)
                 tracking.finish(out, record, history)
             pred = head.predict(x, verbose=0).argmax(1)
-            run.update(history=pd.read_csv(out / "history.csv"),
-                       metrics=metrics.compute(y, pred, classes, {"cell_type": np.where(y % 2, "mono", "poly")}, 50))
+            run.update(
+                history=pd.read_csv(out / "history.csv"),
+                metrics=metrics.compute(y, pred, classes, {"cell_type": np.where(y % 2, "mono", "poly")}, 50),
+            )
             (root / "results/eval" / record["run_name"]).mkdir(parents=True)
             files.write_json(root / "results/eval" / record["run_name"] / "metrics.json", run["metrics"])
         runs.append(run)

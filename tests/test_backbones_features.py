@@ -1,4 +1,5 @@
 """The backbone registry against Keras, fingerprints, and row alignment of extracted features."""
+
 import importlib
 import json
 
@@ -68,6 +69,7 @@ def test_provenance_check_refuses_any_mismatch_naming_both_records(tmp_path, mon
     (tmp_path / "data/split").mkdir(parents=True)
     (tmp_path / "data/split/manifest.csv").write_text("id\n")
     _identity(tmp_path, "aaa")
+
     def describe(variant, size, precision="mixed_bfloat16"):
         return provenance.describe("vgg16", variant, size, (precision, "set in params"))
 
@@ -87,8 +89,9 @@ def test_provenance_check_refuses_any_mismatch_naming_both_records(tmp_path, mon
         provenance.check_same(trained, describe("native", 128), "x")
     _identity(tmp_path, "aaa")
     (tmp_path / "data/split/manifest.csv").write_text("id\n")
-    with pytest.raises(provenance.ProvenanceMismatch,
-                       match="precision: trained with 'mixed_bfloat16', scoring with 'float32'"):
+    with pytest.raises(
+        provenance.ProvenanceMismatch, match="precision: trained with 'mixed_bfloat16', scoring with 'float32'"
+    ):
         provenance.check_same(trained, describe("native", 128, "float32"), "x")
 
 

@@ -1,4 +1,5 @@
 """dvc.yaml must name every source file a stage runs, or DVC's cache would serve stale results."""
+
 import ast
 import re
 

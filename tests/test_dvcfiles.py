@@ -1,4 +1,5 @@
 """The files DVC reads: a flat metrics file per scored run, long per-epoch curves, confusion pairs."""
+
 import json
 
 import numpy as np
@@ -8,19 +9,33 @@ from transferlab import dvcfiles, metrics
 
 
 def scored(name, y_true, y_pred, val_accuracy=0.5):
-    history = pd.DataFrame({"epoch": [1, 2], "loss": [0.9, 0.7], "accuracy": [0.5, 0.6],
-                            "val_loss": [1.0, 0.8], "val_accuracy": [0.4, val_accuracy]})
-    return {"record": {"run_name": name, "val_accuracy": val_accuracy},
-            "metrics": metrics.compute(y_true, y_pred, ["good", "cracked", "dark"], bootstrap=100),
-            "history": history}
+    history = pd.DataFrame(
+        {
+            "epoch": [1, 2],
+            "loss": [0.9, 0.7],
+            "accuracy": [0.5, 0.6],
+            "val_loss": [1.0, 0.8],
+            "val_accuracy": [0.4, val_accuracy],
+        }
+    )
+    return {
+        "record": {"run_name": name, "val_accuracy": val_accuracy},
+        "metrics": metrics.compute(y_true, y_pred, ["good", "cracked", "dark"], bootstrap=100),
+        "history": history,
+    }
 
 
 def test_one_flat_file_per_scored_run_and_nothing_stale(tmp_path):
     y_true, y_pred = np.array([0, 0, 0, 1, 1, 2]), np.array([0, 0, 1, 1, 2, 2])
-    runs = [scored("train_head/vgg16-native", y_true, y_pred),
-            scored("finetune_top/vgg16-native", y_true, y_true, val_accuracy=0.75),
-            {"record": {"run_name": "train_head/resnet50-native", "status": "unavailable"},
-             "metrics": None, "history": None}]
+    runs = [
+        scored("train_head/vgg16-native", y_true, y_pred),
+        scored("finetune_top/vgg16-native", y_true, y_true, val_accuracy=0.75),
+        {
+            "record": {"run_name": "train_head/resnet50-native", "status": "unavailable"},
+            "metrics": None,
+            "history": None,
+        },
+    ]
     stale = tmp_path / "metrics" / "train_head" / "old-run.json"
     stale.parent.mkdir(parents=True)
     stale.write_text("{}")

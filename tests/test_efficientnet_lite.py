@@ -1,4 +1,5 @@
 """EfficientNet-Lite0: the restricted .pth reader, the converted weights, and frozen BatchNorm."""
+
 import collections
 import math
 import os
@@ -16,8 +17,8 @@ import tensorflow as tf
 from transferlab import backbones, efficientnet_lite, images, precision, selftest, weights
 from transferlab.torch_legacy import MAGIC_NUMBER, PROTOCOL_VERSION, load_state_dict
 
-
 # --- a minimal legacy writer: what torch.save(..., _use_new_zipfile_serialization=False) emits ---
+
 
 class _Storage:
     def __init__(self, key, array, view=None):
@@ -97,13 +98,16 @@ def test_legacy_reader_round_trips_views_and_strides(tmp_path, fake_torch):
     assert loaded["w_t"][0, 0] == a[0]
 
 
-@pytest.mark.parametrize("size, stride, offset, refused", [
-    ((8192, 8192), (0, 0), 0, "more than its storage holds"),  # 4 stored bytes would become 256 MiB
-    ((4, 3), (0, 1), 0, "more than its storage holds"),  # 12 elements from a storage of 4
-    ((3,), (2,), 0, "runs past its storage"),
-    ((2,), (1,), 3, "runs past its storage"),
-    ((2, 2), (1,), 0, "malformed"),
-])
+@pytest.mark.parametrize(
+    "size, stride, offset, refused",
+    [
+        ((8192, 8192), (0, 0), 0, "more than its storage holds"),  # 4 stored bytes would become 256 MiB
+        ((4, 3), (0, 1), 0, "more than its storage holds"),  # 12 elements from a storage of 4
+        ((3,), (2,), 0, "runs past its storage"),
+        ((2,), (1,), 3, "runs past its storage"),
+        ((2, 2), (1,), 0, "malformed"),
+    ],
+)
 def test_legacy_reader_refuses_strides_beyond_the_storage(tmp_path, fake_torch, size, stride, offset, refused):
     storage = _Storage("1", np.arange(4, dtype=np.float32))
     path = tmp_path / "crafted.pth"
@@ -131,8 +135,8 @@ class _Exploit:
 @pytest.mark.parametrize("kind", ["os.system", "builtins.eval"])
 def test_legacy_reader_refuses_other_classes(tmp_path, kind):
     marker = tmp_path / "pwned"
-    payload = _Exploit(os.system, f"touch {marker}") if kind == "os.system" else _Exploit(
-        eval, f"open({str(marker)!r}, 'w')"
+    payload = (
+        _Exploit(os.system, f"touch {marker}") if kind == "os.system" else _Exploit(eval, f"open({str(marker)!r}, 'w')")
     )
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:
@@ -148,6 +152,7 @@ def test_legacy_reader_refuses_other_classes(tmp_path, kind):
 
 
 # --- the real weights ---
+
 
 @pytest.fixture(scope="session")
 def lite0_pth(tmp_path_factory) -> Path:
@@ -204,6 +209,7 @@ def _reference_forward(state, x):
     Padding follows efficientnet_lite_pytorch's Conv2dStaticSamePadding literally, so any
     difference in padding, BatchNorm epsilon or weight layout shows up as a mismatch.
     """
+
     def conv(x, w, stride, depthwise=False):
         size, k = x.shape[1], w.shape[-1]
         total = max((math.ceil(size / stride) - 1) * stride + k - size, 0)
@@ -219,7 +225,7 @@ def _reference_forward(state, x):
     relu6 = lambda t: tf.clip_by_value(t, 0.0, 6.0)  # noqa: E731
     x = relu6(bn(conv(x, state["_conv_stem.weight"], 2), "_bn0"))
     i = 0
-    for k, repeats, filters_in, filters_out, expand, stride in efficientnet_lite.BLOCKS:
+    for _k, repeats, filters_in, filters_out, expand, stride in efficientnet_lite.BLOCKS:
         for r in range(repeats):
             p, inputs = f"_blocks.{i}", x
             if expand != 1:
@@ -296,8 +302,9 @@ def test_frozen_base_keeps_batchnorm_in_inference_mode():
     features = base(inputs, training=True)
     outputs = keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(features))
     model = keras.Model(inputs, outputs)
-    model.compile(optimizer=keras.optimizers.SGD(0.1),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
 
     x = np.random.default_rng(0).normal(size=(8, 64, 64, 3)).astype(np.float32)
     y = np.array([0, 1] * 4)
@@ -305,8 +312,9 @@ def test_frozen_base_keeps_batchnorm_in_inference_mode():
     before = [[w.numpy().copy() for w in layer.non_trainable_weights] for layer in bn_layers]
     head_before = model.layers[-1].kernel.numpy().copy()
 
-    np.testing.assert_allclose(keras.Model(inputs, features)(x, training=True).numpy(),
-                               base(x, training=False).numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        keras.Model(inputs, features)(x, training=True).numpy(), base(x, training=False).numpy(), atol=1e-6
+    )
     model.train_on_batch(x, y)
 
     assert not np.allclose(model.layers[-1].kernel.numpy(), head_before)  # the step did train the head

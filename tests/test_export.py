@@ -1,4 +1,5 @@
 """The export's parts that need no pipeline: preprocessing as layers, and the choice of run."""
+
 import numpy as np
 import pytest
 
@@ -25,8 +26,12 @@ def candidate(name, accuracy, loss):
 
 
 def test_the_best_validation_accuracy_wins_then_the_lower_loss_then_the_name():
-    found = [candidate("train_head/b-native", 0.70, 0.5), candidate("finetune_top/b-native", 0.75, 0.9),
-             candidate("frozen_end_to_end/b-native", 0.75, 0.6), candidate("train_head/a-native", 0.75, 0.6)]
+    found = [
+        candidate("train_head/b-native", 0.70, 0.5),
+        candidate("finetune_top/b-native", 0.75, 0.9),
+        candidate("frozen_end_to_end/b-native", 0.75, 0.6),
+        candidate("train_head/a-native", 0.75, 0.6),
+    ]
     assert export.choose(found, None)["run_name"] == "frozen_end_to_end/b-native"
     assert export.choose(found[::-1], None)["run_name"] == "frozen_end_to_end/b-native"  # order does not matter
     found.append(candidate("finetune_top/nan", 0.75, None))  # a NaN loss never wins a tie

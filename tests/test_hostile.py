@@ -3,6 +3,7 @@
 One tiny pipeline (VGG16 at 32 px, random weights, bottleneck head and finetune_top) in a
 temporary git repository; each test damages something, checks the refusal, and puts it back.
 """
+
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ import yaml
 from helpers import ROOT, make_image, make_image_tree
 from PIL import Image
 
-from transferlab import data, features, files
+from transferlab import data, features
 
 ODD_NAMES = ["c/my cat.png", "c/café ñ 猫.png", "b/two  spaces .png"]
 HEAD = "train_head/vgg16-native"
@@ -50,8 +51,11 @@ def repo(tmp_path_factory):
     params["finetune"].update(backbones=["vgg16"], methods=["finetune_top"], epochs=1, batch_size=8)
     params["evaluate"]["bootstrap"] = 100
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow-test.db'}",
-           "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow-test.db'}",
+        "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
+    }
     run("git", "init", "-q", cwd=repo, env=env)
     run("dvc", "init", "-q", cwd=repo, env=env)
     run("git", "add", "-A", cwd=repo, env=env)
@@ -84,7 +88,9 @@ def test_any_file_name_round_trips_from_split_to_evaluation(repo):
     assert ids <= set(stored)
     test_ids = manifest.loc[manifest["split"] == "test", "id"].tolist()
     for name in (HEAD, "finetune_top/vgg16-native"):
-        assert pd.read_csv(repo / f"results/eval/{name}/predictions.csv", keep_default_na=False)["id"].tolist() == test_ids
+        assert (
+            pd.read_csv(repo / f"results/eval/{name}/predictions.csv", keep_default_na=False)["id"].tolist() == test_ids
+        )
 
 
 def test_scratch_leftovers_do_not_change_what_dvc_hashes(repo):
@@ -101,8 +107,9 @@ def test_scratch_leftovers_do_not_change_what_dvc_hashes(repo):
 
 def results_bytes(repo) -> dict:
     """What evaluate wrote: the DVC metrics files and the report, byte for byte."""
-    return {p: p.read_bytes() for p in [*sorted((repo / "results/metrics").rglob("*.json")),
-                                        repo / "reports/results.md"]}
+    return {
+        p: p.read_bytes() for p in [*sorted((repo / "results/metrics").rglob("*.json")), repo / "reports/results.md"]
+    }
 
 
 def test_swapped_test_features_are_refused_before_anything_is_logged(repo):
@@ -110,8 +117,10 @@ def test_swapped_test_features_are_refused_before_anything_is_logged(repo):
     pooled = repo / "features/vgg16-native/test/pooled.npy"
     original = pooled.read_bytes()
     reports = results_bytes(repo)
-    logged = {r.info.run_id: len(client(env).get_metric_history(r.info.run_id, "test_accuracy"))
-              for r in runs_named(env, HEAD) + runs_named(env, "finetune_top/vgg16-native")}
+    logged = {
+        r.info.run_id: len(client(env).get_metric_history(r.info.run_id, "test_accuracy"))
+        for r in runs_named(env, HEAD) + runs_named(env, "finetune_top/vgg16-native")
+    }
     x = np.load(pooled)
     np.save(pooled, x[::-1].copy())  # same shape, rows swapped
     try:
@@ -126,8 +135,10 @@ def test_swapped_test_features_are_refused_before_anything_is_logged(repo):
 
 def test_an_edited_record_is_refused_even_with_its_old_fingerprint(repo):
     repo, env = repo
-    for path, stage in [("features/vgg16-native/meta.json", ("stages/train_head.py", "vgg16", "native")),
-                        ("runs/finetune_top/vgg16-native/run.json", ("stages/evaluate.py",))]:
+    for path, stage in [
+        ("features/vgg16-native/meta.json", ("stages/train_head.py", "vgg16", "native")),
+        ("runs/finetune_top/vgg16-native/run.json", ("stages/evaluate.py",)),
+    ]:
         record_file = repo / path
         original = record_file.read_bytes()
         record = json.loads(original)
@@ -139,23 +150,33 @@ def test_an_edited_record_is_refused_even_with_its_old_fingerprint(repo):
         finally:
             record_file.write_bytes(original)
         assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
-        assert (f"{path}: the stored preprocessing_fingerprint '{record['preprocessing_fingerprint']}' does not "
-                "match the fingerprint '") in out.stderr
+        assert (
+            f"{path}: the stored preprocessing_fingerprint '{record['preprocessing_fingerprint']}' does not "
+            "match the fingerprint '"
+        ) in out.stderr
         assert results_bytes(repo) == results  # evaluate: all or nothing
 
 
 def test_killed_training_leaves_no_partial_output_and_its_run_is_marked_killed(repo):
     repo, env = repo
-    outputs = [repo / "runs" / HEAD / "run.json", repo / "results" / HEAD / "metrics.json",
-               repo / "results" / HEAD / "plots/metrics/train/loss.tsv"]
+    outputs = [
+        repo / "runs" / HEAD / "run.json",
+        repo / "results" / HEAD / "metrics.json",
+        repo / "results" / HEAD / "plots/metrics/train/loss.tsv",
+    ]
     before = [p.read_bytes() for p in outputs]
     params = (repo / "params.yaml").read_text()
     slow = yaml.safe_load(params)
     slow["train"]["epochs"] = 5000
     (repo / "params.yaml").write_text(yaml.safe_dump(slow, sort_keys=False))
     known = {r.info.run_id for r in runs_named(env, HEAD)}
-    stage = subprocess.Popen([sys.executable, "stages/train_head.py", "vgg16", "native"], cwd=repo, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stage = subprocess.Popen(
+        [sys.executable, "stages/train_head.py", "vgg16", "native"],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline, killed = time.time() + 240, None
         while time.time() < deadline and killed is None:

@@ -1,4 +1,5 @@
 """Metrics against hand-computed values, and the report's table, audit and plots."""
+
 from __future__ import annotations
 
 import warnings
@@ -42,9 +43,7 @@ def test_metrics_match_hand_computed_values():
     # balanced accuracy: mean recall over the 3 classes present in y_true, ghost excluded
     assert m["balanced_accuracy"] == pytest.approx((0.75 + 2 / 3 + 0) / 3)  # 0.472222
     assert m["majority_class_accuracy"] == pytest.approx(4 / 9)  # functional, the largest class
-    assert m["group_accuracy"] == {
-        "cell_type": {"mono": {"accuracy": 0.4, "n": 5}, "poly": {"accuracy": 0.75, "n": 4}}
-    }
+    assert m["group_accuracy"] == {"cell_type": {"mono": {"accuracy": 0.4, "n": 5}, "poly": {"accuracy": 0.75, "n": 4}}}
 
 
 def test_metrics_agree_with_sklearn_on_random_labels():
@@ -116,29 +115,66 @@ def test_metrics_validate_classes_and_bootstrap():
 # --- report ----------------------------------------------------------------------------------
 
 VGG_NATIVE = {
-    "variant": "native", "mode": "caffe", "colour_order": "BGR",
-    "mean": [103.939, 116.779, 123.68], "std": [1.0, 1.0, 1.0], "input_size": [128, 128],
-    "interpolation": "bilinear", "antialias": True,
+    "variant": "native",
+    "mode": "caffe",
+    "colour_order": "BGR",
+    "mean": [103.939, 116.779, 123.68],
+    "std": [1.0, 1.0, 1.0],
+    "input_size": [128, 128],
+    "interpolation": "bilinear",
+    "antialias": True,
     "keras_function": "keras.applications.vgg16.preprocess_input",
 }
-VGG_RESCALE = {**VGG_NATIVE, "variant": "rescale", "mode": "rescale", "colour_order": "RGB",
-               "mean": [0.0, 0.0, 0.0], "std": [255.0, 255.0, 255.0], "keras_function": None}
-IMAGENET = {"status": "available", "pretrained": True, "label": "ImageNet (Keras)", "source": "keras",
-            "file_sha256": "f" * 64, "array_checksum": "c" * 32}
-RANDOM = {"status": "random", "pretrained": False, "label": "not pretrained", "source": "random",
-          "file_sha256": "9" * 64, "array_checksum": "e" * 32}
-UNAVAILABLE = {"status": "unavailable", "pretrained": False, "label": "weights unavailable", "source": "none",
-               "message": "resnet50: no ImageNet weights;\nput the Keras file in ~/.keras/models/"}
+VGG_RESCALE = {
+    **VGG_NATIVE,
+    "variant": "rescale",
+    "mode": "rescale",
+    "colour_order": "RGB",
+    "mean": [0.0, 0.0, 0.0],
+    "std": [255.0, 255.0, 255.0],
+    "keras_function": None,
+}
+IMAGENET = {
+    "status": "available",
+    "pretrained": True,
+    "label": "ImageNet (Keras)",
+    "source": "keras",
+    "file_sha256": "f" * 64,
+    "array_checksum": "c" * 32,
+}
+RANDOM = {
+    "status": "random",
+    "pretrained": False,
+    "label": "not pretrained",
+    "source": "random",
+    "file_sha256": "9" * 64,
+    "array_checksum": "e" * 32,
+}
+UNAVAILABLE = {
+    "status": "unavailable",
+    "pretrained": False,
+    "label": "weights unavailable",
+    "source": "none",
+    "message": "resnet50: no ImageNet weights;\nput the Keras file in ~/.keras/models/",
+}
 
 
 def _run(name, pre, fingerprint, weights, p_correct, seed):
     """A run of 120 binary predictions, each right with probability p_correct."""
     method, pair = name.split("/")
     record = {
-        "run_name": name, "stage": "train_head", "method": method, "backbone": pair.split("-")[0],
-        "preprocessing": pre, "preprocessing_fingerprint": fingerprint, "weights": weights,
-        "manifest_sha256": "d" * 64, "input_size": 128, "train_seconds": 41.2,
-        "mlflow_run_id": f"mlflow{seed}", "status": "trained",
+        "run_name": name,
+        "stage": "train_head",
+        "method": method,
+        "backbone": pair.split("-")[0],
+        "preprocessing": pre,
+        "preprocessing_fingerprint": fingerprint,
+        "weights": weights,
+        "manifest_sha256": "d" * 64,
+        "input_size": 128,
+        "train_seconds": 41.2,
+        "mlflow_run_id": f"mlflow{seed}",
+        "status": "trained",
     }
     if weights["status"] == "unavailable":
         return {"record": {**record, "status": "unavailable"}, "metrics": None, "history": None}
@@ -148,8 +184,15 @@ def _run(name, pre, fingerprint, weights, p_correct, seed):
     cell_type = np.where(np.arange(120) % 3, "mono", "poly")
     m = metrics.compute(y_true, y_pred, ["functional", "defective"], groups={"cell_type": cell_type})
     epochs = np.arange(1, 6)
-    history = pd.DataFrame({"epoch": epochs, "loss": 1 / epochs, "accuracy": 1 - 0.5 / epochs,
-                            "val_loss": 1.2 / epochs, "val_accuracy": 0.9 - 0.5 / epochs})
+    history = pd.DataFrame(
+        {
+            "epoch": epochs,
+            "loss": 1 / epochs,
+            "accuracy": 1 - 0.5 / epochs,
+            "val_loss": 1.2 / epochs,
+            "val_accuracy": 0.9 - 0.5 / epochs,
+        }
+    )
     return {"record": record, "metrics": m, "history": history}
 
 
@@ -175,8 +218,15 @@ def test_table_one_row_per_run_sorted_with_unavailable_and_not_pretrained():
     ]
     unavailable = df.iloc[0]
     assert unavailable["weights"] == "weights unavailable"
-    metric_columns = ["accuracy", "accuracy_lo", "accuracy_hi", "balanced_accuracy", "macro_f1",
-                      "accuracy[cell_type=mono]", "accuracy[cell_type=poly]"]
+    metric_columns = [
+        "accuracy",
+        "accuracy_lo",
+        "accuracy_hi",
+        "balanced_accuracy",
+        "macro_f1",
+        "accuracy[cell_type=mono]",
+        "accuracy[cell_type=poly]",
+    ]
     assert unavailable[metric_columns].isna().all()
     assert df.iloc[1]["weights"] == "ImageNet (Keras)"
     assert df.iloc[3]["weights"] == "not pretrained"
@@ -197,8 +247,10 @@ def test_write_outputs(tmp_path):
     runs[0]["record"]["parity"] = {"parity_max_abs_logit_diff": 7.6e-6, "parity_val_accuracy_diff": 0.0}
     for run in runs:
         run["mlflow_url"] = f"http://127.0.0.1:5000/#/experiments/1/runs/{run['record']['mlflow_run_id']}"
-    urls = {"group": "http://127.0.0.1:5000/#/experiments/1/runs/g",
-            "runs": "http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"}
+    urls = {
+        "group": "http://127.0.0.1:5000/#/experiments/1/runs/g",
+        "runs": "http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning",
+    }
     written = report.write(runs, tmp_path, urls)
 
     csv = pd.read_csv(tmp_path / "results.csv")
@@ -221,9 +273,11 @@ def test_write_outputs(tmp_path):
     assert "[test accuracy](plots/comparison.png)" in md and "[learning curves](plots/learning_curves.png)" in md
     assert unavailable_row.endswith(" | [MLflow](http://127.0.0.1:5000/#/experiments/1/runs/mlflow4) |")
     head_row = next(r for r in table_rows if r.startswith("| `bottleneck/vgg16-native`"))
-    assert head_row.endswith(" | [MLflow](http://127.0.0.1:5000/#/experiments/1/runs/mlflow1), "
-                             "[learning curves](plots/curves_bottleneck_vgg16-native.png), "
-                             "[confusion matrix](plots/confusion_bottleneck_vgg16-native.png) |")
+    assert head_row.endswith(
+        " | [MLflow](http://127.0.0.1:5000/#/experiments/1/runs/mlflow1), "
+        "[learning curves](plots/curves_bottleneck_vgg16-native.png), "
+        "[confusion matrix](plots/confusion_bottleneck_vgg16-native.png) |"
+    )
 
     parity = md.split("## Parity", 1)[1].split("## Audit", 1)[0]
     assert "| `finetune_top/vgg16-native` | 7.60e-06 | +0.0000 |" in parity
@@ -248,10 +302,17 @@ def test_write_outputs(tmp_path):
 
     plots = tmp_path / "plots"
     pngs = {p.name for p in plots.glob("*.png")}
-    trained = ["bottleneck_vgg16-native", "bottleneck_vgg16-rescale", "finetune_top_vgg16-native",
-               "frozen_end_to_end_vgg16-native"]
-    assert pngs == {"learning_curves.png", "comparison.png", *[f"{kind}_{name}.png" for name in trained
-                                                                for kind in ("confusion", "curves")]}
+    trained = [
+        "bottleneck_vgg16-native",
+        "bottleneck_vgg16-rescale",
+        "finetune_top_vgg16-native",
+        "frozen_end_to_end_vgg16-native",
+    ]
+    assert pngs == {
+        "learning_curves.png",
+        "comparison.png",
+        *[f"{kind}_{name}.png" for name in trained for kind in ("confusion", "curves")],
+    }
     assert {p.name for p in written if p.suffix == ".png"} == pngs
     for name in pngs:
         path = plots / name

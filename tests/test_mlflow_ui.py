@@ -4,6 +4,7 @@ An MLflow server started here on 127.0.0.1 serves a small store made by the real
 Debian's chromium and chromium-driver (installed by .ci/run) are driven by selenium. Screenshots
 land in $TRANSFERLAB_UI_SHOTS when it is set (to look at them), else in the test's tmp dir.
 """
+
 import os
 import shutil
 import signal
@@ -23,8 +24,11 @@ from transferlab import tracking
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (requirements-dev.txt)")
 BROWSER = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 DRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(not (BROWSER and DRIVER), reason="no headless browser: install Debian's chromium and "
-                                "chromium-driver (apt-get install chromium chromium-driver; .ci/run does)")
+pytestmark = pytest.mark.skipif(
+    not (BROWSER and DRIVER),
+    reason="no headless browser: install Debian's chromium and "
+    "chromium-driver (apt-get install chromium chromium-driver; .ci/run does)",
+)
 HEADS = ["train_head/resnet50-native", "train_head/vgg16-native", "train_head/vgg16-rescale"]
 
 
@@ -47,10 +51,25 @@ def server(tmp_path_factory):
         url = f"http://127.0.0.1:{free_port()}"
         log = open(root / "server.log", "w")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store, "--host", "127.0.0.1",
-             "--port", url.rsplit(":", 1)[1], "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                store,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                url.rsplit(":", 1)[1],
+                "--workers",
+                "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        )
         try:
             deadline = time.time() + 240
             while True:
@@ -72,9 +91,18 @@ def server(tmp_path_factory):
 def browser(tmp_path_factory):
     options = webdriver.ChromeOptions()
     options.binary_location = BROWSER
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                f"--user-data-dir={tmp_path_factory.mktemp('chromium')}", "--window-size=1600,1000"):
+    for arg in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium')}",
+        "--window-size=1600,1000",
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=webdriver.ChromeService(DRIVER), options=options)
     yield driver
@@ -113,8 +141,10 @@ def search(driver, query: str) -> None:
 
 
 def test_documented_url_lands_on_the_runs(server, browser, shots):
-    assert server["views"] == (f"{server['url']}/#/experiments/{server['experiment']}/runs?"
-                               "workflowType=machine_learning&orderByKey=tags.%60mlflow.runName%60&orderByAsc=true")
+    assert server["views"] == (
+        f"{server['url']}/#/experiments/{server['experiment']}/runs?"
+        "workflowType=machine_learning&orderByKey=tags.%60mlflow.runName%60&orderByAsc=true"
+    )
     browser.get(server["views"])
     # the three runs listed flat (not folded into their group's run, which is the fourth row)
     text = page_text(browser, *HEADS, "group/repro-", "4 matching runs")
@@ -126,20 +156,38 @@ def test_filter_on_backbone_returns_its_runs(server, browser, shots):
     browser.get(server["views"])
     page_text(browser, *HEADS)
     search(browser, "params.backbone = 'vgg16'")
-    page_text(browser, "train_head/vgg16-native", "train_head/vgg16-rescale", "2 matching runs",
-              absent=["train_head/resnet50-native", "group/"])
+    page_text(
+        browser,
+        "train_head/vgg16-native",
+        "train_head/vgg16-rescale",
+        "2 matching runs",
+        absent=["train_head/resnet50-native", "group/"],
+    )
     browser.save_screenshot(str(shots / "filter_vgg16.png"))
     # the README's VGG16 vs ResNet50: both rows, ResNet50 without numbers
-    search(browser, "params.method = 'bottleneck' and params.preprocessing = 'native' "
-                    "and params.backbone != 'efficientnet_lite0'")
-    page_text(browser, "train_head/vgg16-native", "train_head/resnet50-native", "2 matching runs",
-              absent=["train_head/vgg16-rescale"])
+    search(
+        browser,
+        "params.method = 'bottleneck' and params.preprocessing = 'native' and params.backbone != 'efficientnet_lite0'",
+    )
+    page_text(
+        browser,
+        "train_head/vgg16-native",
+        "train_head/resnet50-native",
+        "2 matching runs",
+        absent=["train_head/vgg16-rescale"],
+    )
     browser.save_screenshot(str(shots / "filter_vgg16_vs_resnet50.png"))
 
 
 def test_unavailable_run_says_why(server, browser, shots):
     resnet = next(r for r in server["runs"] if r["record"]["backbone"] == "resnet50")
     browser.get(tracking.run_url(server["experiment"], resnet["mlflow_run_id"]))
-    page_text(browser, "train_head/resnet50-native", "Weights unavailable", "put resnet50_notop.h5 in ~/.keras/models/",
-              "No metrics recorded", "weights unavailable")
+    page_text(
+        browser,
+        "train_head/resnet50-native",
+        "Weights unavailable",
+        "put resnet50_notop.h5 in ~/.keras/models/",
+        "No metrics recorded",
+        "weights unavailable",
+    )
     browser.save_screenshot(str(shots / "resnet50_run.png"))

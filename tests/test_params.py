@@ -1,4 +1,5 @@
 """params.yaml is checked once, against one schema, before a stage does anything."""
+
 import os
 import shutil
 import subprocess
@@ -27,10 +28,20 @@ def test_the_repository_params_are_valid_and_unchanged_by_checking():
 
 
 def test_every_bad_key_is_listed_in_one_message():
-    bad = changed(train__epochs=0, finetune__epochs=0, data__val_fraction=0, extract__preprocessing=["native", "raw"],
-                  finetune__cut_point={"vgg16": "block9"}, extract__backbones=["vgg16", "vgg99"],
-                  head__pooling="max", weights__init="imagenet21k", ablation__augmentation="always",
-                  train__optimizer="rmsprop", evaluate__bootstrap=-1, data__bad_files="ignore")
+    bad = changed(
+        train__epochs=0,
+        finetune__epochs=0,
+        data__val_fraction=0,
+        extract__preprocessing=["native", "raw"],
+        finetune__cut_point={"vgg16": "block9"},
+        extract__backbones=["vgg16", "vgg99"],
+        head__pooling="max",
+        weights__init="imagenet21k",
+        ablation__augmentation="always",
+        train__optimizer="rmsprop",
+        evaluate__bootstrap=-1,
+        data__bad_files="ignore",
+    )
     bad["train"]["epoch"] = 3  # a typo
     with pytest.raises(params.ParamsError) as error:
         params.validate(bad)
@@ -65,18 +76,25 @@ def test_yaml_1_1_exponents_are_numbers():
         params.validate(changed(train__learning_rate=".nan"))
 
 
-@pytest.mark.parametrize("edits, words", [
-    ({"data__source": "folder", "data__folder": None}, "data.folder: must name the image tree"),
-    ({"finetune__backbones": ["resnet50", "densenet121"], "extract__backbones": ["resnet50"]},
-     "finetune.backbones: 'densenet121' is not in extract.backbones"),
-    ({"finetune__cut_point": {"vgg16": "block5_conv1"}, "finetune__backbones": ["efficientnet_lite0"]},
-     "finetune.cut_point.efficientnet_lite0: missing"),
-    ({"extract__input_size": {"vgg17": 128}}, "extract.input_size.vgg17: must be one of densenet121"),
-    ({"data__test_fraction": 1.5}, "data.test_fraction: must be a number in (0, 1), got 1.5"),
-    ({"ablation__batch_size": 0}, "ablation.batch_size: must be an integer >= 1, got 0 (or null)"),
-    ({"head__units": True}, "head.units: must be an integer >= 0, got True"),
-    ({"head__units": -1}, "head.units: must be an integer >= 0, got -1"),
-])
+@pytest.mark.parametrize(
+    "edits, words",
+    [
+        ({"data__source": "folder", "data__folder": None}, "data.folder: must name the image tree"),
+        (
+            {"finetune__backbones": ["resnet50", "densenet121"], "extract__backbones": ["resnet50"]},
+            "finetune.backbones: 'densenet121' is not in extract.backbones",
+        ),
+        (
+            {"finetune__cut_point": {"vgg16": "block5_conv1"}, "finetune__backbones": ["efficientnet_lite0"]},
+            "finetune.cut_point.efficientnet_lite0: missing",
+        ),
+        ({"extract__input_size": {"vgg17": 128}}, "extract.input_size.vgg17: must be one of densenet121"),
+        ({"data__test_fraction": 1.5}, "data.test_fraction: must be a number in (0, 1), got 1.5"),
+        ({"ablation__batch_size": 0}, "ablation.batch_size: must be an integer >= 1, got 0 (or null)"),
+        ({"head__units": True}, "head.units: must be an integer >= 0, got True"),
+        ({"head__units": -1}, "head.units: must be an integer >= 0, got -1"),
+    ],
+)
 def test_relations_and_edge_values(edits, words):
     with pytest.raises(params.ParamsError) as error:
         params.validate(changed(**edits))
@@ -96,21 +114,36 @@ def test_missing_sections_and_keys_are_named():
     assert "\n  ablation: missing section" in str(error.value) and "\n  train.seed: missing" in str(error.value)
 
 
-@pytest.mark.parametrize("stage, args", [("split", []), ("weights", ["vgg16"]), ("selftest", []),
-                                         ("extract_features", ["vgg16", "native"]),
-                                         ("train_head", ["vgg16", "native"]),
-                                         ("finetune", ["finetune_top", "vgg16"]), ("evaluate", [])])
+@pytest.mark.parametrize(
+    "stage, args",
+    [
+        ("split", []),
+        ("weights", ["vgg16"]),
+        ("selftest", []),
+        ("extract_features", ["vgg16", "native"]),
+        ("train_head", ["vgg16", "native"]),
+        ("finetune", ["finetune_top", "vgg16"]),
+        ("evaluate", []),
+    ],
+)
 def test_every_stage_stops_on_bad_params_with_the_message(tmp_path, stage, args):
     for name in ("stages", "transferlab"):  # stages/weights.py works relative to its own checkout
         shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(changed(train__epochs=0, finetune__learning_rate="1e-3x")))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"}
-    out = subprocess.run([sys.executable, f"stages/{stage}.py", *args], cwd=tmp_path,
-                         capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run(
+        [sys.executable, f"stages/{stage}.py", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert out.returncode == 1
     assert "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-3:] == [  # after TensorFlow's start-up lines
         f"{stage}: 2 bad value(s) in params.yaml:",
         "  train.epochs: must be an integer >= 1, got 0",
-        "  finetune.learning_rate: must be a number in (0, inf), got '1e-3x'"]
+        "  finetune.learning_rate: must be a number in (0, inf), got '1e-3x'",
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml", "stages", "transferlab"]  # nothing written

@@ -3,6 +3,7 @@
 VGG16 runs at 32 px with `weights.init: none`, which also checks that random weights are
 labelled "not pretrained" wherever a result appears.
 """
+
 import json
 import os
 import shutil
@@ -21,8 +22,12 @@ from helpers import ROOT, make_image_tree
 
 from transferlab import dvcfiles, precision
 
-RUNS = ["train_head/vgg16-native", "train_head/vgg16-rescale", "frozen_end_to_end/vgg16-native",
-        "finetune_top/vgg16-native"]
+RUNS = [
+    "train_head/vgg16-native",
+    "train_head/vgg16-rescale",
+    "frozen_end_to_end/vgg16-native",
+    "finetune_top/vgg16-native",
+]
 
 
 def sh(*cmd, cwd, env=None, timeout=1200):
@@ -102,7 +107,8 @@ def test_mlflow_holds_grouped_runs_with_curves_tags_and_test_metrics(repo):
     for run in runs:  # comparable in MLflow's plots: identity and the sections used, as params
         params, tags = run.data.params, run.data.tags
         assert {k: params[k] for k in ("backbone", "method", "preprocessing", "input_size")} == {
-            k: tags[k] for k in ("backbone", "method", "preprocessing", "input_size")}
+            k: tags[k] for k in ("backbone", "method", "preprocessing", "input_size")
+        }
         assert params["extract.input_size"] == "32" and "ablation.bn_training" in params
         assert not [k for k in run.data.metrics if k.startswith("validation_")]  # no autologged duplicates
     assert by_name["finetune_top/vgg16-native"].data.params["finetune.cut_point"] == "block5_conv1"
@@ -128,8 +134,11 @@ def test_the_resolved_precision_is_recorded_everywhere_and_checked(repo):
     assert set(pd.read_csv(repo / "reports/results.csv")["precision"]) == {resolved}
     assert f"**Precision:** `{resolved}` ({why})" in (repo / "reports/results.md").read_text()
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
-    trained = [run for run in client.search_runs([client.get_experiment_by_name("transferlab").experiment_id])
-               if run.data.tags.get("transferlab.role") != "group"]  # the group's run trains nothing
+    trained = [
+        run
+        for run in client.search_runs([client.get_experiment_by_name("transferlab").experiment_id])
+        if run.data.tags.get("transferlab.role") != "group"
+    ]  # the group's run trains nothing
     assert sorted(run.info.run_name for run in trained) == sorted(RUNS)
     for run in trained:
         assert run.data.tags["precision"] == run.data.params["compute.precision"] == resolved
@@ -146,8 +155,10 @@ def test_the_resolved_precision_is_recorded_everywhere_and_checked(repo):
             refusals[cmd[0]] = out.stderr
     finally:
         meta_file.write_bytes(original)
-    assert (f"features/vgg16-native was computed under precision '{other}', but this run uses '{resolved}'"
-            in refusals["stages/train_head.py"])
+    assert (
+        f"features/vgg16-native was computed under precision '{other}', but this run uses '{resolved}'"
+        in refusals["stages/train_head.py"]
+    )
     assert f"precision: trained with '{resolved}', scoring with '{other}'" in refusals["stages/evaluate.py"]
     assert "Data and pipelines are up to date" in sh("dvc", "status", cwd=repo, env=env)
 
@@ -179,20 +190,35 @@ def test_exp_show_with_the_readmes_patterns_is_a_column_pair_per_run(repo):
     """README's `dvc exp show --only-changed` patterns: dependency hashes and the secondary metrics go."""
     repo, env = repo
     readme = (ROOT / "README.md").read_text()
-    drop = ["(stages|transferlab|data|models|features|runs)(/|$)|results/(selftest|eval)", ".*:(?!(balanced_)?accuracy$)"]
+    drop = [
+        "(stages|transferlab|data|models|features|runs)(/|$)|results/(selftest|eval)",
+        ".*:(?!(balanced_)?accuracy$)",
+    ]
     assert f"dvc exp show --only-changed --drop '{drop[0]}' --drop '{drop[1]}'" in readme
-    table = sh("dvc", "exp", "show", "--only-changed", "--md", *(a for d in drop for a in ("--drop", d)),
-               cwd=repo, env=env)
+    table = sh(
+        "dvc", "exp", "show", "--only-changed", "--md", *(a for d in drop for a in ("--drop", d)), cwd=repo, env=env
+    )
     header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
-    assert sorted(header) == sorted(["Experiment", "Created", *(f"results/metrics/{run}.json:{key}" for run in RUNS
-                                                                 for key in ("accuracy", "balanced_accuracy"))])
+    assert sorted(header) == sorted(
+        [
+            "Experiment",
+            "Created",
+            *(f"results/metrics/{run}.json:{key}" for run in RUNS for key in ("accuracy", "balanced_accuracy")),
+        ]
+    )
 
 
 def test_dvc_plots_group_the_curves_by_run_and_draw_a_confusion_matrix_per_run(repo):
     repo, env = repo
     plots = json.loads(sh("dvc", "plots", "show", "--json", cwd=repo, env=env))["data"]
-    assert sorted(plots) == sorted(["reports/plots/accuracy.csv", "accuracy_by_epoch", "loss_by_epoch",
-                                    *(f"reports/plots/confusion/{run}.csv" for run in RUNS)])
+    assert sorted(plots) == sorted(
+        [
+            "reports/plots/accuracy.csv",
+            "accuracy_by_epoch",
+            "loss_by_epoch",
+            *(f"reports/plots/confusion/{run}.csv" for run in RUNS),
+        ]
+    )
     for figure, field in (("accuracy_by_epoch", "accuracy"), ("loss_by_epoch", "loss")):
         (render,) = plots[figure]
         points = render["content"]["data"]["values"]
@@ -225,13 +251,19 @@ def test_linear_probe_runs_as_an_experiment_beside_the_workspace(repo, tmp_path)
     repo, env = repo
     before = {name: (repo / name).read_bytes() for name in ("params.yaml", "dvc.lock")}
     db = f"sqlite:///{tmp_path / 'probe.db'}"
-    out = sh("bash", "study/linear_probe.sh", str(repo.parent / "images"),
-             cwd=repo, env={**env, "PROBE_NAME": "probe-test", "MLFLOW_TRACKING_URI": db})
+    out = sh(
+        "bash",
+        "study/linear_probe.sh",
+        str(repo.parent / "images"),
+        cwd=repo,
+        env={**env, "PROBE_NAME": "probe-test", "MLFLOW_TRACKING_URI": db},
+    )
     assert {name: (repo / name).read_bytes() for name in before} == before
     assert "Data and pipelines are up to date" in sh("dvc", "status", cwd=repo, env=env)
     client = mlflow.MlflowClient(db)
-    (run,) = client.search_runs([client.get_experiment_by_name("transferlab").experiment_id],
-                                "tags.stage = 'train_head'")
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("transferlab").experiment_id], "tags.stage = 'train_head'"
+    )
     assert run.info.run_name == "train_head/vgg16-native"  # the only run: no fine-tuning, no rescale
     assert run.data.params["head.units"] == "0"
     accuracy = run.data.metrics["test_accuracy"]
@@ -272,8 +304,15 @@ def test_export_picks_the_best_validation_run_and_loads_with_keras_alone(repo, t
     assert meta["preprocessing"] == run["preprocessing"] and meta["manifest_sha256"] == run["manifest_sha256"]
     frame, expected = evaluated(repo, best)
     # no transferlab on the path: the preprocessing is inside the model, nothing else is needed
-    out = sh(sys.executable, "-c", KERAS_ONLY, str(repo / "models/export/model.keras"), *frame["path"],
-             cwd=tmp_path, env={**env, "PYTHONPATH": ""})
+    out = sh(
+        sys.executable,
+        "-c",
+        KERAS_ONLY,
+        str(repo / "models/export/model.keras"),
+        *frame["path"],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": ""},
+    )
     probs = np.array(json.loads(out.splitlines()[-1]))
     assert (probs.argmax(1) == frame["pred"].to_numpy()).all()
     assert np.abs(probs - expected).max() < 1e-4  # batch composition only (README, "Using the trained model")
@@ -324,8 +363,9 @@ def check_champion(repo, env, client):
     again = read(repo, "models/export/model.json")["mlflow"]
     assert again["reused_existing_version"] is True and again["version"] == int(champion.version)
     signature = mlflow.models.get_model_info(f"models:/{name}@champion").signature
-    assert signature.inputs.to_dict() == [{"type": "tensor", "name": "images",
-                                          "tensor-spec": {"dtype": "uint8", "shape": (-1, -1, -1, 3)}}]
+    assert signature.inputs.to_dict() == [
+        {"type": "tensor", "name": "images", "tensor-spec": {"dtype": "uint8", "shape": (-1, -1, -1, 3)}}
+    ]
 
 
 def odd_images(folder, source):
@@ -339,7 +379,7 @@ def odd_images(folder, source):
     rgba.save(folder / "rgba.png")
     rgb.convert("L").save(folder / "gray.png")
     rgb.convert("P").save(folder / "palette.png")
-    Image.fromarray((np.asarray(rgb.convert("L"), np.uint16) * 257)).save(folder / "gray16.png")
+    Image.fromarray(np.asarray(rgb.convert("L"), np.uint16) * 257).save(folder / "gray16.png")
     (folder / "broken.png").write_bytes(b"not an image")
     return folder
 
@@ -352,28 +392,68 @@ def test_predict_command_and_served_model_agree_with_evaluate(repo, tmp_path):
     frame, expected = evaluated(repo, meta["source_run"])
     odd = odd_images(tmp_path / "odd", frame["path"].iloc[0])
     csv = tmp_path / "predictions.csv"
-    out = sh(sys.executable, "-m", "transferlab.predict", "models:/transferlab-images@champion",
-             *frame["path"], str(odd), "-o", str(csv), cwd=repo, env=env)
+    out = sh(
+        sys.executable,
+        "-m",
+        "transferlab.predict",
+        "models:/transferlab-images@champion",
+        *frame["path"],
+        str(odd),
+        "-o",
+        str(csv),
+        cwd=repo,
+        env=env,
+    )
     assert f"{len(frame) + 4} images predicted" in out and "broken.png: not an image" in out
     table = pd.read_csv(csv, keep_default_na=False).set_index("path")
     probs = table.loc[frame["path"], ["p_a", "p_b", "p_c"]].to_numpy(float)
     assert list(table.loc[frame["path"], "predicted_class"]) == [meta["classes"][i] for i in frame["pred"]]
     assert np.abs(probs - expected).max() < 1e-4
-    np.testing.assert_allclose(table.loc[str(odd / "rgba.png"), ["p_a", "p_b", "p_c"]].to_numpy(float),
-                               probs[0], atol=1e-6)
+    np.testing.assert_allclose(
+        table.loc[str(odd / "rgba.png"), ["p_a", "p_b", "p_c"]].to_numpy(float), probs[0], atol=1e-6
+    )
     assert set(table.loc[[str(odd / n) for n in ("gray.png", "palette.png", "gray16.png")], "error"]) == {""}
     # nothing readable: exit status 1, and the reason is still written
-    failed = subprocess.run([sys.executable, "-m", "transferlab.predict", "models/export", str(odd / "broken.png"),
-                             "-o", str(tmp_path / "none.csv")], cwd=repo, env=env, capture_output=True, text=True)
+    failed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "transferlab.predict",
+            "models/export",
+            str(odd / "broken.png"),
+            "-o",
+            str(tmp_path / "none.csv"),
+        ],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert failed.returncode == 1 and "not an image" in pd.read_csv(tmp_path / "none.csv")["error"][0]
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen(["mlflow", "models", "serve", "-m", "models:/transferlab-images@champion",
-                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                              cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+    server = subprocess.Popen(
+        [
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            "models:/transferlab-images@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         for _ in range(240):

@@ -4,6 +4,7 @@ Fast: no DVC run. The fixture below has the shape DVC 3.67 prints (checked on a 
 a list of baseline commits (and the workspace), each with `experiments`, groups of `revs` whose
 `data` holds `params` and `metrics` by file, each file as {"data": ...} or {"error": ...}.
 """
+
 import importlib.util
 import math
 import re
@@ -12,7 +13,6 @@ import subprocess
 import numpy as np
 import pandas as pd
 import pytest
-
 from helpers import ROOT
 
 from transferlab import features, files
@@ -58,9 +58,16 @@ def test_paired_effect_uses_common_seeds_only():
 
 # ---------------------------------------------------------------- dvc exp show --json
 
-BASE = {"train": {"seed": 0, "epochs": 6}, "finetune": {"backbones": ["vgg16", "efficientnet_lite0"],
-        "methods": ["frozen_end_to_end", "finetune_top"], "epochs": 4},
-        "ablation": {"bn_training": False, "batch_size": None}, "data": {"source": "elpv"}}
+BASE = {
+    "train": {"seed": 0, "epochs": 6},
+    "finetune": {
+        "backbones": ["vgg16", "efficientnet_lite0"],
+        "methods": ["frozen_end_to_end", "finetune_top"],
+        "epochs": 4,
+    },
+    "ablation": {"bn_training": False, "batch_size": None},
+    "data": {"source": "elpv"},
+}
 STUDY = {"finetune": {"backbones": ["efficientnet_lite0"], "epochs": 2}, "train": {"epochs": 3}}
 L = "efficientnet_lite0"
 
@@ -75,16 +82,29 @@ def merge(*dicts):
 
 def rev(name, timestamp, params, test, live=None, error=None, unavailable=()):
     """An experiment as `dvc exp show --json` gives it: evaluate's file per scored run, an output folder per run."""
-    metrics = {f"results/metrics/{run}.json": {"data": {**values, "val_accuracy": (live or {}).get(run)}}
-               for run, values in test.items()}
+    metrics = {
+        f"results/metrics/{run}.json": {"data": {**values, "val_accuracy": (live or {}).get(run)}}
+        for run, values in test.items()
+    }
     metrics["results/metrics/missing/run.json"] = {
-        "error": {"type": "FileNotFoundError", "msg": "No storage files available"}}
+        "error": {"type": "FileNotFoundError", "msg": "No storage files available"}
+    }
     outs = {f"runs/{run}": {"hash": "0" * 32, "use_cache": True} for run in [*test, *unavailable]}
     outs["results/eval"] = {"hash": "0" * 32, "use_cache": True}
-    data = {"rev": "f" * 40, "timestamp": timestamp, "params": {"params.yaml": {"data": params}},
-            "metrics": metrics, "deps": {}, "outs": outs, "meta": {}}
-    return {"revs": [{"rev": "f" * 40, "name": name, "data": data, "error": error, "experiments": None}],
-            "executor": None, "name": name}
+    data = {
+        "rev": "f" * 40,
+        "timestamp": timestamp,
+        "params": {"params.yaml": {"data": params}},
+        "metrics": metrics,
+        "deps": {},
+        "outs": outs,
+        "meta": {},
+    }
+    return {
+        "revs": [{"rev": "f" * 40, "name": name, "data": data, "error": error, "experiments": None}],
+        "executor": None,
+        "name": name,
+    }
 
 
 def scores(acc):
@@ -92,8 +112,12 @@ def scores(acc):
 
 
 def experiment(setting, seed, extra, frozen, head, tuned=None, val=None, timestamp="2026-11-24T09:00:00"):
-    test = {f"train_head/{L}-native": scores(head), f"train_head/{L}-rescale": scores(head - 0.02),
-            "train_head/vgg16-native": scores(0.73), "train_head/vgg16-rescale": scores(0.70 + seed / 100)}
+    test = {
+        f"train_head/{L}-native": scores(head),
+        f"train_head/{L}-rescale": scores(head - 0.02),
+        "train_head/vgg16-native": scores(0.73),
+        "train_head/vgg16-rescale": scores(0.70 + seed / 100),
+    }
     live = {}
     if frozen is not None:
         test[f"frozen_end_to_end/{L}-native"] = scores(frozen)
@@ -101,8 +125,14 @@ def experiment(setting, seed, extra, frozen, head, tuned=None, val=None, timesta
         test[f"finetune_top/{L}-native"] = scores(tuned)
         live[f"finetune_top/{L}-native"] = val
     params = merge(BASE, STUDY, {"train": {"seed": seed}}, extra)
-    return rev(f"pitfall-{setting}-s{seed}", timestamp, params, test, live,
-               unavailable=["train_head/resnet50-native", "train_head/resnet50-rescale"])
+    return rev(
+        f"pitfall-{setting}-s{seed}",
+        timestamp,
+        params,
+        test,
+        live,
+        unavailable=["train_head/resnet50-native", "train_head/resnet50-rescale"],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -110,27 +140,54 @@ def exp_show():
     groups = []
     for seed, (head, bn_frozen, bn_tuned) in enumerate([(0.75, 0.60, 0.70), (0.74, 0.62, 0.69), (0.76, 0.58, 0.71)]):
         groups.append(experiment("correct", seed, {}, head, head, tuned=head + 0.02, val=0.78))
-        groups.append(experiment("bn-training", seed, {"ablation": {"bn_training": True}}, bn_frozen, head,
-                                 tuned=bn_tuned, val=0.7))
-    groups.append(experiment("bs1", 0, {"ablation": {"batch_size": 1}, "finetune": {"methods": ["frozen_end_to_end"]}},
-                             0.70, 0.75, timestamp="2026-11-24T08:00:00"))
+        groups.append(
+            experiment(
+                "bn-training", seed, {"ablation": {"bn_training": True}}, bn_frozen, head, tuned=bn_tuned, val=0.7
+            )
+        )
+    groups.append(
+        experiment(
+            "bs1",
+            0,
+            {"ablation": {"batch_size": 1}, "finetune": {"methods": ["frozen_end_to_end"]}},
+            0.70,
+            0.75,
+            timestamp="2026-11-24T08:00:00",
+        )
+    )
     groups.append(rev("exp-unrelated", "2026-11-24T09:00:00", BASE, {"train_head/x": scores(0.1)}))
     groups.append(rev("pitfall-correct-s9", "2026-11-24T09:00:00", BASE, {}, error={"type": "Failed"}))
-    old_baseline = {"rev": "a" * 40, "name": "old", "data": {"params": {"params.yaml": {"data": BASE}}},
-                    "error": None,
-                    "experiments": [experiment("bs1", 0, {"ablation": {"batch_size": 1}}, 0.10, 0.75,
-                                               timestamp="2026-11-20T08:00:00")]}
-    workspace = {"rev": "workspace", "name": None, "data": {"params": {"params.yaml": {"data": BASE}}},
-                 "error": None, "experiments": None}
-    head = {"rev": "b" * 40, "name": "main", "data": {"params": {"params.yaml": {"data": BASE}}}, "error": None,
-            "experiments": groups}
+    old_baseline = {
+        "rev": "a" * 40,
+        "name": "old",
+        "data": {"params": {"params.yaml": {"data": BASE}}},
+        "error": None,
+        "experiments": [
+            experiment("bs1", 0, {"ablation": {"batch_size": 1}}, 0.10, 0.75, timestamp="2026-11-20T08:00:00")
+        ],
+    }
+    workspace = {
+        "rev": "workspace",
+        "name": None,
+        "data": {"params": {"params.yaml": {"data": BASE}}},
+        "error": None,
+        "experiments": None,
+    }
+    head = {
+        "rev": "b" * 40,
+        "name": "main",
+        "data": {"params": {"params.yaml": {"data": BASE}}},
+        "error": None,
+        "experiments": groups,
+    }
     return [workspace, head, old_baseline]
 
 
 def test_parse_exp_show_reads_pitfall_experiments_only(exp_show):
     table, experiments = pr.parse_exp_show(exp_show)
     assert sorted(experiments) == sorted(
-        [f"pitfall-{s}-s{i}" for s in ("correct", "bn-training") for i in range(3)] + ["pitfall-bs1-s0"])
+        [f"pitfall-{s}-s{i}" for s in ("correct", "bn-training") for i in range(3)] + ["pitfall-bs1-s0"]
+    )
     assert experiments["pitfall-bs1-s0"]["timestamp"] == "2026-11-24T08:00:00"  # the newer of two baselines
     assert pr.by_seed(table, "bs1", f"frozen_end_to_end/{L}-native") == {0: 0.70}
     assert pr.by_seed(table, "bn-training", f"frozen_end_to_end/{L}-native") == {0: 0.60, 1: 0.62, 2: 0.58}
@@ -148,8 +205,10 @@ def test_changes_study_wide_settings_and_commands(exp_show):
     assert pr.describe_changes({}) == "none (every switch off)"
     cmd = pr.command("bn-training", experiments)
     assert 'SEEDS="0 1 2" study/pitfalls.sh bn-training' in cmd
-    assert ("dvc exp run --name pitfall-bn-training-s$seed -S train.seed=$seed -S ablation.bn_training=true "
-            "-S 'finetune.backbones=[efficientnet_lite0]' -S finetune.epochs=2 -S train.epochs=3") in cmd
+    assert (
+        "dvc exp run --name pitfall-bn-training-s$seed -S train.seed=$seed -S ablation.bn_training=true "
+        "-S 'finetune.backbones=[efficientnet_lite0]' -S finetune.epochs=2 -S train.epochs=3"
+    ) in cmd
     assert "not run yet" in pr.command("adam-1e-3", experiments)
 
 
@@ -179,12 +238,26 @@ def test_items_compute_gaps_and_effects_paired_by_seed(exp_show):
 def test_markdown_and_plot(exp_show, tmp_path):
     table, experiments = pr.parse_exp_show(exp_show)
     prep, (frozen, bn_at_bs1), tuned = pr.item_preprocessing(table), pr.item_frozen(table), pr.item_finetune(table)
-    alignment = [{"pair": f"{L}-native", "agreement": 0.3, "majority": 0.57, "chance_balanced": 0.25,
-                  "block_mix": {}, "check": {s: {"rows": 5, "manifest_rows": 5, "ids_match": 5, "labels_match": 5,
-                                                 "feature_rows": 5} for s in ("train", "val", "test")},
-                  **{src: {s: {"accuracy": a + s / 100, "balanced_accuracy": 0.4, "macro_f1": 0.4,
-                               "as_measured": 0.9} for s in range(3)} for src, a in (("manifest", 0.75),
-                                                                                     ("counted", 0.3))}}]
+    alignment = [
+        {
+            "pair": f"{L}-native",
+            "agreement": 0.3,
+            "majority": 0.57,
+            "chance_balanced": 0.25,
+            "block_mix": {},
+            "check": {
+                s: {"rows": 5, "manifest_rows": 5, "ids_match": 5, "labels_match": 5, "feature_rows": 5}
+                for s in ("train", "val", "test")
+            },
+            **{
+                src: {
+                    s: {"accuracy": a + s / 100, "balanced_accuracy": 0.4, "macro_f1": 0.4, "as_measured": 0.9}
+                    for s in range(3)
+                }
+                for src, a in (("manifest", 0.75), ("counted", 0.3))
+            },
+        }
+    ]
     text = pr.markdown(experiments, prep, frozen, bn_at_bs1, tuned, alignment, [0, 1, 2])
     for heading in ("## 1. Preprocessing", "## 2. Bottleneck vs frozen", "## 3. Fine-tuned", "## 4. Label alignment"):
         assert heading in text
@@ -240,8 +313,9 @@ def write_features(directory, manifest, order=None):
 
 
 def test_pipeline_alignment_check_finds_misaligned_rows(tmp_path):
-    manifest = pd.DataFrame({"id": [f"img{i}" for i in range(9)], "class_index": [0, 1, 2] * 3,
-                             "split": ["train", "val", "test"] * 3})
+    manifest = pd.DataFrame(
+        {"id": [f"img{i}" for i in range(9)], "class_index": [0, 1, 2] * 3, "split": ["train", "val", "test"] * 3}
+    )
     write_features(tmp_path / "good", manifest)
     check = pr.pipeline_alignment(tmp_path / "good", manifest)
     assert all(c["ids_match"] == c["labels_match"] == c["rows"] == 3 for c in check.values())
@@ -254,8 +328,14 @@ def test_pipeline_alignment_check_finds_misaligned_rows(tmp_path):
 
 
 def test_grid_script_dry_run_and_report_settings_agree():
-    out = subprocess.run(["bash", "study/pitfalls.sh"], cwd=ROOT, env={"DRY_RUN": "1", "PATH": "/usr/bin:/bin"},
-                         capture_output=True, text=True, check=True).stdout.splitlines()
+    out = subprocess.run(
+        ["bash", "study/pitfalls.sh"],
+        cwd=ROOT,
+        env={"DRY_RUN": "1", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     names = [re.search(r"--name (\S+)", line)[1] for line in out]
     settings = sorted({n.rsplit("-s", 1)[0].removeprefix("pitfall-") for n in names})
     assert len(out) == 3 * len(settings) and {n[-3:] for n in names} == {"-s0", "-s1", "-s2"}
@@ -264,6 +344,11 @@ def test_grid_script_dry_run_and_report_settings_agree():
     cases = set(re.findall(r"^\s+([a-z0-9-]+)\)\s+echo", script, re.M))
     in_report = {s for s, *_ in pr.FROZEN} | {s for s, *_ in pr.FINETUNE}
     assert in_report <= cases and set(settings) <= in_report
-    bad = subprocess.run(["bash", "study/pitfalls.sh", "no-such-setting"], cwd=ROOT,
-                         env={"DRY_RUN": "1", "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
+    bad = subprocess.run(
+        ["bash", "study/pitfalls.sh", "no-such-setting"],
+        cwd=ROOT,
+        env={"DRY_RUN": "1", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode != 0 and "unknown setting" in bad.stderr

@@ -1,5 +1,6 @@
 """compute.precision: resolution of `auto`, the Keras policy it applies, float32 where it must stay float32,
 loss scaling and the non-finite-loss stop under float16. Tiny real Keras models."""
+
 import importlib.util
 
 import keras
@@ -15,14 +16,17 @@ HEAD = {"units": 16, "dropout": 0.0, "dropout_position": "after_dense", "pooling
 CFG = {"seed": 0, "epochs": 2, "batch_size": 8, "optimizer": "adam", "learning_rate": 0.01, "momentum": 0.9}
 
 
-@pytest.mark.parametrize("flags, gpus, expected", [
-    ({"avx2", "avx512_bf16"}, [], "mixed_bfloat16"),
-    ({"amx_bf16", "amx_tile"}, [], "mixed_bfloat16"),
-    ({"avx2", "avx512f"}, [], "float32"),
-    (set(), [(8, 0)], "mixed_bfloat16"),
-    ({"avx512_bf16"}, [(7, 5)], "mixed_float16"),  # a GPU decides, whatever the CPU
-    (set(), [(9, 0), (7, 0)], "mixed_float16"),  # the oldest GPU decides
-])
+@pytest.mark.parametrize(
+    "flags, gpus, expected",
+    [
+        ({"avx2", "avx512_bf16"}, [], "mixed_bfloat16"),
+        ({"amx_bf16", "amx_tile"}, [], "mixed_bfloat16"),
+        ({"avx2", "avx512f"}, [], "float32"),
+        (set(), [(8, 0)], "mixed_bfloat16"),
+        ({"avx512_bf16"}, [(7, 5)], "mixed_float16"),  # a GPU decides, whatever the CPU
+        (set(), [(9, 0), (7, 0)], "mixed_float16"),  # the oldest GPU decides
+    ],
+)
 def test_auto_resolves_from_cpu_flags_and_gpu_capability(flags, gpus, expected):
     resolved, why = precision.resolve("auto", flags, gpus)
     assert resolved == expected and why.startswith("auto: ")
@@ -35,7 +39,10 @@ def test_explicit_settings_are_kept_and_bad_ones_refused(tmp_path):
         precision.resolve("float16")
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["compute"]["precision"] = "bf16"
-    with pytest.raises(params.ParamsError, match="compute.precision: must be one of float32, mixed_bfloat16, mixed_float16, auto, got 'bf16'"):
+    with pytest.raises(
+        params.ParamsError,
+        match="compute.precision: must be one of float32, mixed_bfloat16, mixed_float16, auto, got 'bf16'",
+    ):
         params.validate(raw)
 
 
@@ -56,8 +63,9 @@ def test_policy_applies_and_restores_the_global_policy():
             pass
 
 
-@pytest.mark.parametrize("name, compute", [("float32", "float32"), ("mixed_bfloat16", "bfloat16"),
-                                           ("mixed_float16", "float16")])
+@pytest.mark.parametrize(
+    "name, compute", [("float32", "float32"), ("mixed_bfloat16", "bfloat16"), ("mixed_float16", "float16")]
+)
 def test_mixed_models_compute_low_with_float32_variables_logits_and_features(name, compute):
     with precision.policy(name):
         x = inputs = keras.Input((8, 8, 3))
@@ -121,7 +129,8 @@ spec.loader.exec_module(compare)
 def _predictions(directory, run, ids, labels, preds):
     (directory / run).mkdir(parents=True)
     pd.DataFrame({"id": ids, "label": labels, "pred": preds, "logit_a": 0.0}).to_csv(
-        directory / run / "predictions.csv", index=False)
+        directory / run / "predictions.csv", index=False
+    )
 
 
 def test_comparison_pairs_predictions_by_image_id_not_row_order(tmp_path):
@@ -161,8 +170,9 @@ def test_end_to_end_logits_match_the_head_on_extracted_features_exactly_under_bf
         keras.utils.set_random_seed(0)
         x = inputs = keras.Input((16, 16, 3))
         for i in range(2):  # non-zero biases: with zero ones fused and unfused agree
-            x = keras.layers.Conv2D(32, 3, activation="relu",
-                                    bias_initializer=keras.initializers.RandomNormal(0.5, 1.0, seed=i))(x)
+            x = keras.layers.Conv2D(
+                32, 3, activation="relu", bias_initializer=keras.initializers.RandomNormal(0.5, 1.0, seed=i)
+            )(x)
         base = keras.Model(inputs, x)
         head = train.build_head((32,), 2, HEAD, 0)
         end_to_end = train.end_to_end(base, head, "avg")
@@ -170,8 +180,9 @@ def test_end_to_end_logits_match_the_head_on_extracted_features_exactly_under_bf
     paths = sorted(str(p) for p in root.rglob("*.png"))
     labels = [0] * 8 + [1] * 8
     record = backbones.preprocessing_record(backbones.get("vgg16"), "native", 16)
-    stats = features.extract_split(features.extractor(base, None, False), paths, labels, paths, record, 8,
-                                   tmp_path / "f", "t")
+    stats = features.extract_split(
+        features.extractor(base, None, False), paths, labels, paths, record, 8, tmp_path / "f", "t"
+    )
     files.write_json(tmp_path / "meta.json", {"splits": {"f": stats}})
     _, _, pooled = features.load_split(tmp_path, "f")
     bottleneck = train.predict_logits(head, train.feature_dataset(pooled, labels, 8))

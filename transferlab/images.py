@@ -4,6 +4,7 @@ Decoding goes through Pillow so that every mode the split stage accepts (graysca
 palette, CMYK, RGBA, 16-bit) is handled by one function; the manifest records which
 conversion was applied to which file.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -13,6 +13,7 @@ Conventions for the cases where a ratio has a zero denominator (they match sciki
 * ``balanced_accuracy`` averages recall over the classes present in ``y_true`` only, since
   a class without support has no recall to average.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -79,8 +80,7 @@ def compute(
         },
         "confusion_matrix": cm.tolist(),
         "group_accuracy": {
-            str(column): _group_accuracy(correct, values, str(column))
-            for column, values in (groups or {}).items()
+            str(column): _group_accuracy(correct, values, str(column)) for column, values in (groups or {}).items()
         },
     }
 
@@ -95,8 +95,7 @@ def _labels(values, name: str, k: int) -> np.ndarray:
     bad = (arr < 0) | (arr >= k)
     if bad.any():
         raise ValueError(
-            f"{name} has {int(bad.sum())} label(s) outside 0..{k - 1} (e.g. {int(arr[bad][0])}); "
-            f"there are {k} classes"
+            f"{name} has {int(bad.sum())} label(s) outside 0..{k - 1} (e.g. {int(arr[bad][0])}); there are {k} classes"
         )
     return arr
 

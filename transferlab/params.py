@@ -8,11 +8,13 @@ as a string, which is accepted here as the number it means.
 To add a section, add one entry to :data:`SCHEMA` (key -> check); checks that relate
 keys to each other go in :data:`RELATIONS`.
 """
+
 from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import yaml
 
@@ -42,11 +44,13 @@ def integer(minimum: int | None = None) -> Check:
         if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
             raise Invalid(f"must be an integer{f' >= {minimum}' if minimum is not None else ''}, {_got(value)}")
         return value
+
     return check
 
 
-def number(low: float | None = None, high: float | None = None, low_open: bool = False,
-           high_open: bool = True) -> Check:
+def number(
+    low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = True
+) -> Check:
     """A finite number in the given interval; a numeric string (YAML 1.1's ``1e-3``) becomes a float."""
     lo = "(" if low_open else "["
     hi = ")" if high_open else "]"
@@ -66,6 +70,7 @@ def number(low: float | None = None, high: float | None = None, low_open: bool =
         if too_low or too_high:
             raise Invalid(f"must be {words}, {_got(value)}")
         return value
+
     return check
 
 
@@ -74,6 +79,7 @@ def choice(*options) -> Check:
         if value not in options:
             raise Invalid(f"must be one of {', '.join(map(str, options))}, {_got(value)}")
         return value
+
     return check
 
 
@@ -91,6 +97,7 @@ def text(value):
 
 def optional(inner: Check) -> Check:
     """null, or what ``inner`` accepts."""
+
     def check(value):
         if value is None:
             return None
@@ -98,11 +105,13 @@ def optional(inner: Check) -> Check:
             return inner(value)
         except Invalid as error:
             raise Invalid(f"{error} (or null)") from None
+
     return check
 
 
 def list_of(inner: Check, unique: bool = True, allow_str: bool = False) -> Check:
     """A list whose items ``inner`` accepts; ``allow_str`` takes a lone string as a one-item list."""
+
     def check(value):
         if allow_str and isinstance(value, str):
             value = [value]
@@ -114,11 +123,13 @@ def list_of(inner: Check, unique: bool = True, allow_str: bool = False) -> Check
         if unique and len(set(map(repr, items))) != len(items):
             raise Invalid(f"must not repeat an item, {_got(value)}")
         return items
+
     return check
 
 
 def mapping(key: Check, value: Check | Callable[[Any, Any], Any], keyed: bool = False) -> Check:
     """A dict (null: empty) whose keys and values the checks accept; ``keyed``: value(key, value)."""
+
     def check(found):
         if found is None:
             return {}
@@ -133,6 +144,7 @@ def mapping(key: Check, value: Check | Callable[[Any, Any], Any], keyed: bool = 
         if problems:
             raise Invalid(problems[0][1], problems=problems)
         return out
+
     return check
 
 
@@ -234,17 +246,23 @@ def _relations(p: dict) -> list[str]:
         if "finetune_top" in ft["methods"]:
             for name in ft["backbones"]:
                 if name not in ft["cut_point"]:
-                    problems.append(f"finetune.cut_point.{name}: missing; finetune_top needs a cut point "
-                                    f"for every one of finetune.backbones")
+                    problems.append(
+                        f"finetune.cut_point.{name}: missing; finetune_top needs a cut point "
+                        f"for every one of finetune.backbones"
+                    )
         if "extract" in p and ft["methods"]:  # fine-tuning reads that pair's features
             ex = p["extract"]
             for name in ft["backbones"]:
                 if name not in ex["backbones"]:
-                    problems.append(f"finetune.backbones: {name!r} is not in extract.backbones "
-                                    f"{ex['backbones']} (fine-tuning starts from its features)")
+                    problems.append(
+                        f"finetune.backbones: {name!r} is not in extract.backbones "
+                        f"{ex['backbones']} (fine-tuning starts from its features)"
+                    )
             if ft["preprocessing"] not in ex["preprocessing"]:
-                problems.append(f"finetune.preprocessing: {ft['preprocessing']!r} is not in "
-                                f"extract.preprocessing {ex['preprocessing']}")
+                problems.append(
+                    f"finetune.preprocessing: {ft['preprocessing']!r} is not in "
+                    f"extract.preprocessing {ex['preprocessing']}"
+                )
     return problems
 
 
@@ -259,8 +277,9 @@ def validate(raw) -> dict:
     for section, schema in SCHEMA.items():
         given = raw.get(section)
         if not isinstance(given, dict):
-            problems.append(f"{section}: missing section" if given is None
-                            else f"{section}: must be a mapping, got {given!r}")
+            problems.append(
+                f"{section}: missing section" if given is None else f"{section}: must be a mapping, got {given!r}"
+            )
             continue
         values, ok = {}, True
         for key in sorted(set(given) - set(schema)):

@@ -7,6 +7,7 @@ bfloat16/float16 with float32 variables; the head's logits and the pooled featur
 layers, so losses and stored features stay float32; ``Model.compile`` wraps the optimizer in a
 ``LossScaleOptimizer`` under ``mixed_float16``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,8 +32,10 @@ def gpu_capabilities() -> list[tuple[int, int]]:
     """Compute capability of each visible GPU."""
     import tensorflow as tf
 
-    return [tuple(tf.config.experimental.get_device_details(g).get("compute_capability") or (0, 0))
-            for g in tf.config.list_physical_devices("GPU")]
+    return [
+        tuple(tf.config.experimental.get_device_details(g).get("compute_capability") or (0, 0))
+        for g in tf.config.list_physical_devices("GPU")
+    ]
 
 
 def resolve(setting: str, flags: set[str] | None = None, gpus: list[tuple[int, int]] | None = None) -> tuple[str, str]:

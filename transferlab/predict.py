@@ -10,6 +10,7 @@ RGB; truncated or non-image files refused); a file that cannot be used is report
 in the CSV's ``error`` column, and the others are still predicted. Exit status: 0 if at least one
 image was predicted, 1 if none could be, 2 for a model that cannot be loaded or bad arguments.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -97,8 +98,10 @@ def load(model: str):
             meta = json.loads(archive.read(META_MEMBER))
         return keras_model.predict_on_batch, meta
     if not (path.is_dir() and (path / "MLmodel").is_file()) and ":/" not in model:
-        raise FileNotFoundError(f"model {model!r}: not a .keras file, a folder with model.keras or MLmodel, "
-                                "nor an MLflow model URI (e.g. models:/transferlab-elpv@champion)")
+        raise FileNotFoundError(
+            f"model {model!r}: not a .keras file, a folder with model.keras or MLmodel, "
+            "nor an MLflow model URI (e.g. models:/transferlab-elpv@champion)"
+        )
     import mlflow
 
     from transferlab import tracking
@@ -107,7 +110,9 @@ def load(model: str):
     pyfunc = mlflow.pyfunc.load_model(model)
     meta = pyfunc.metadata.metadata or {}
     if "classes" not in meta:
-        raise ValueError(f"model {model!r} has no transferlab metadata (class names); was it logged by the export stage?")
+        raise ValueError(
+            f"model {model!r} has no transferlab metadata (class names); was it logged by the export stage?"
+        )
     return lambda images: np.asarray(pyfunc.predict(images)), meta
 
 
@@ -116,8 +121,11 @@ def table(paths: list[str], result: Result, classes: list[str], errors: dict[str
     rows = []
     for path in [*paths, *errors]:
         probs = result.probabilities.get(path)
-        row = {"path": path, "predicted_class": classes[int(probs.argmax())] if probs is not None else "",
-               "probability": float(probs.max()) if probs is not None else np.nan}
+        row = {
+            "path": path,
+            "predicted_class": classes[int(probs.argmax())] if probs is not None else "",
+            "probability": float(probs.max()) if probs is not None else np.nan,
+        }
         row.update({f"p_{c}": float(probs[i]) if probs is not None else np.nan for i, c in enumerate(classes)})
         row["error"] = result.errors.get(path) or errors.get(path, "")
         rows.append(row)
@@ -125,9 +133,13 @@ def table(paths: list[str], result: Result, classes: list[str], errors: dict[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m transferlab.predict",
-                                     description="Class probabilities for images with an exported transferlab model.")
-    parser.add_argument("model", help="model.keras, models/export, an MLflow model folder or URI (models:/NAME@champion)")
+    parser = argparse.ArgumentParser(
+        prog="python -m transferlab.predict",
+        description="Class probabilities for images with an exported transferlab model.",
+    )
+    parser.add_argument(
+        "model", help="model.keras, models/export, an MLflow model folder or URI (models:/NAME@champion)"
+    )
     parser.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
     parser.add_argument("-o", "--output", default="predictions.csv", help="CSV to write (default: predictions.csv)")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -142,9 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     frame = table(paths, result, meta["classes"], errors)
     frame.to_csv(args.output, index=False)
     counts = Counter(frame.loc[frame["error"] == "", "predicted_class"])
-    print(f"{len(result.probabilities)} images predicted with {meta.get('source_run', args.model)} "
-          f"({meta.get('backbone')}, preprocessing {meta.get('preprocessing_fingerprint')}): "
-          + ", ".join(f"{c} {counts[c]}" for c in meta["classes"]))
+    print(
+        f"{len(result.probabilities)} images predicted with {meta.get('source_run', args.model)} "
+        f"({meta.get('backbone')}, preprocessing {meta.get('preprocessing_fingerprint')}): "
+        + ", ".join(f"{c} {counts[c]}" for c in meta["classes"])
+    )
     unreadable = frame[frame["error"] != ""]
     if len(unreadable):
         print(f"{len(unreadable)} files not predicted:")

@@ -5,6 +5,7 @@ score a model on inputs whose record differs from the one it was trained with. E
 read goes through :func:`load`, which recomputes the fingerprint from the stored
 preprocessing record, so an edited record cannot pass under its old fingerprint.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,8 +13,14 @@ from pathlib import Path
 from transferlab import backbones, data, files
 
 # the fields that must agree between training and scoring
-CHECKED = ("backbone", "preprocessing_fingerprint", "input_size", "weights_array_checksum", "manifest_sha256",
-           "precision")
+CHECKED = (
+    "backbone",
+    "preprocessing_fingerprint",
+    "input_size",
+    "weights_array_checksum",
+    "manifest_sha256",
+    "precision",
+)
 
 
 class ProvenanceMismatch(ValueError):
@@ -33,8 +40,14 @@ def load(path) -> dict:
     return record
 
 
-def describe(backbone: str, variant: str, input_size: int | None, precision: tuple[str, str],
-             weights_root="models/weights", split_dir="data/split") -> dict:
+def describe(
+    backbone: str,
+    variant: str,
+    input_size: int | None,
+    precision: tuple[str, str],
+    weights_root="models/weights",
+    split_dir="data/split",
+) -> dict:
     """``precision`` is (resolved precision, why), as transferlab.precision.resolve gives it."""
     bb = backbones.get(backbone)
     record = backbones.preprocessing_record(bb, variant, input_size)
@@ -53,8 +66,14 @@ def describe(backbone: str, variant: str, input_size: int | None, precision: tup
 def check_current(record: dict, weights_root="models/weights", split_dir="data/split") -> None:
     """Today's inputs (weights, manifest, preprocessing) must be those a trained run recorded; it is
     scored or exported in the precision it was trained in, as with its input size and preprocessing."""
-    current = describe(record["backbone"], record["preprocessing"]["variant"], record["input_size"],
-                       (record.get("precision"), "as trained"), weights_root, split_dir)
+    current = describe(
+        record["backbone"],
+        record["preprocessing"]["variant"],
+        record["input_size"],
+        (record.get("precision"), "as trained"),
+        weights_root,
+        split_dir,
+    )
     check_same(record, current, record["run_name"])
 
 
@@ -80,4 +99,5 @@ def require_precision(found: str | None, expected: str, what: str) -> None:
     if found != expected:
         raise ProvenanceMismatch(
             f"{what} was computed under precision {found!r}, but this run uses {expected!r}; "
-            "run the whole pipeline under one compute.precision (dvc repro re-runs what is stale)")
+            "run the whole pipeline under one compute.precision (dvc repro re-runs what is stale)"
+        )

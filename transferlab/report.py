@@ -8,6 +8,7 @@ weights could not be obtained stay in every output as "weights unavailable", so 
 instead of quietly absent; randomly initialised runs say "not pretrained" everywhere, so
 they are never read as transfer-learning results.
 """
+
 from __future__ import annotations
 
 import math
@@ -55,15 +56,28 @@ def table(runs: list[dict]) -> pd.DataFrame:
     rows = [_row(run) for run in runs]
     group_columns = sorted({c for row in rows for c in row if c.startswith("accuracy[")})
     columns = [
-        "run_name", "backbone", "method", "preprocessing", "precision", "weights",
-        "accuracy", "accuracy_lo", "accuracy_hi", "balanced_accuracy", "macro_f1",
+        "run_name",
+        "backbone",
+        "method",
+        "preprocessing",
+        "precision",
+        "weights",
+        "accuracy",
+        "accuracy_lo",
+        "accuracy_hi",
+        "balanced_accuracy",
+        "macro_f1",
         *group_columns,
-        "train_seconds", "preprocessing_fingerprint", "weights_checksum", "manifest_sha256",
+        "train_seconds",
+        "preprocessing_fingerprint",
+        "weights_checksum",
+        "manifest_sha256",
     ]
     df = pd.DataFrame(rows, columns=columns)
     pipeline_order = lambda col: col.map({m: i for i, m in enumerate(METHODS)}).fillna(len(METHODS))  # noqa: E731
-    return df.sort_values(SORT_KEYS, key=lambda col: pipeline_order(col) if col.name == "method" else col,
-                          kind="stable").reset_index(drop=True)
+    return df.sort_values(
+        SORT_KEYS, key=lambda col: pipeline_order(col) if col.name == "method" else col, kind="stable"
+    ).reset_index(drop=True)
 
 
 def _row(run: dict) -> dict:
@@ -87,8 +101,11 @@ def _row(run: dict) -> dict:
     if metrics:
         lo, hi = metrics["accuracy_ci95"]
         row.update(
-            accuracy=metrics["accuracy"], accuracy_lo=lo, accuracy_hi=hi,
-            balanced_accuracy=metrics["balanced_accuracy"], macro_f1=metrics["macro_f1"],
+            accuracy=metrics["accuracy"],
+            accuracy_lo=lo,
+            accuracy_hi=hi,
+            balanced_accuracy=metrics["balanced_accuracy"],
+            macro_f1=metrics["macro_f1"],
         )
         for column, values in (metrics.get("group_accuracy") or {}).items():
             for value, stats in values.items():
@@ -126,13 +143,15 @@ def write(runs: list[dict], out_dir, mlflow_urls: dict | None = None) -> list[Pa
     df.to_csv(csv, index=False, float_format="%.6g")
     md.write_text(markdown(df, ordered, out_dir, mlflow_urls or {}))
     measured = df[df["accuracy"].notna()]
-    pd.DataFrame({
-        "run_name": measured["run_name"],
-        "label": [run_label(by_name[n]["record"]) for n in measured["run_name"]],
-        "accuracy": measured["accuracy"],
-        "lo": measured["accuracy_lo"],
-        "hi": measured["accuracy_hi"],
-    }).to_csv(accuracy_csv, index=False, float_format="%.6g")
+    pd.DataFrame(
+        {
+            "run_name": measured["run_name"],
+            "label": [run_label(by_name[n]["record"]) for n in measured["run_name"]],
+            "accuracy": measured["accuracy"],
+            "lo": measured["accuracy_lo"],
+            "hi": measured["accuracy_hi"],
+        }
+    ).to_csv(accuracy_csv, index=False, float_format="%.6g")
 
     written += [csv, md, accuracy_csv]
     written.append(_save(_learning_curves(ordered), plots / "learning_curves.png"))
@@ -145,8 +164,15 @@ def write(runs: list[dict], out_dir, mlflow_urls: dict | None = None) -> list[Pa
 
 def markdown(df: pd.DataFrame, runs: list[dict], out_dir: Path = Path("."), mlflow_urls: dict | None = None) -> str:
     """The results table followed by the audit; ``runs`` in the table's row order."""
-    lines = ["# Results", "", *_links(mlflow_urls or {}), _markdown_table(df, runs, out_dir), "",
-             *_parity(runs), *_audit(runs)]
+    lines = [
+        "# Results",
+        "",
+        *_links(mlflow_urls or {}),
+        _markdown_table(df, runs, out_dir),
+        "",
+        *_parity(runs),
+        *_audit(runs),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -154,22 +180,42 @@ def _links(urls: dict) -> list[str]:
     plots = "Plots: [test accuracy](plots/comparison.png), [learning curves](plots/learning_curves.png)."
     if not urls:
         return [plots, ""]
-    return [plots, f"MLflow (`mlflow ui`): [this run group]({urls['group']}) (its children are the training "
-                   f"runs it made), [all training runs]({urls['runs']}).", ""]
+    return [
+        plots,
+        f"MLflow (`mlflow ui`): [this run group]({urls['group']}) (its children are the training "
+        f"runs it made), [all training runs]({urls['runs']}).",
+        "",
+    ]
 
 
 def _run_links(run: dict, out_dir: Path) -> str:
     links = [f"[MLflow]({run['mlflow_url']})"] if run.get("mlflow_url") else []
-    links += [f"[{kind.replace('_', ' ')}]({path.relative_to(out_dir).as_posix()})"
-              for kind, path in (run.get("plots") or {}).items()]
+    links += [
+        f"[{kind.replace('_', ' ')}]({path.relative_to(out_dir).as_posix()})"
+        for kind, path in (run.get("plots") or {}).items()
+    ]
     return ", ".join(links) or MISSING
 
 
 def _markdown_table(df: pd.DataFrame, runs: list[dict], out_dir: Path) -> str:
     group_columns = [c for c in df.columns if c.startswith("accuracy[")]
-    header = ["run", "backbone", "method", "preprocessing", "precision", "weights", "accuracy [95% CI]",
-              "balanced acc.", "macro-F1", *[c.replace("accuracy", "acc.", 1) for c in group_columns],
-              "train s", "preprocessing fingerprint", "weights checksum", "manifest sha256", "links"]
+    header = [
+        "run",
+        "backbone",
+        "method",
+        "preprocessing",
+        "precision",
+        "weights",
+        "accuracy [95% CI]",
+        "balanced acc.",
+        "macro-F1",
+        *[c.replace("accuracy", "acc.", 1) for c in group_columns],
+        "train s",
+        "preprocessing fingerprint",
+        "weights checksum",
+        "manifest sha256",
+        "links",
+    ]
     body = []
     for (_, r), run in zip(df.iterrows(), runs):
         if pd.isna(r["accuracy"]):
@@ -179,7 +225,8 @@ def _markdown_table(df: pd.DataFrame, runs: list[dict], out_dir: Path) -> str:
         cells = [
             f"`{r['run_name']}`",
             *[_text(r[c]) for c in ["backbone", "method", "preprocessing", "precision", "weights"]],
-            accuracy, *[_num(r[c]) for c in ["balanced_accuracy", "macro_f1", *group_columns]],
+            accuracy,
+            *[_num(r[c]) for c in ["balanced_accuracy", "macro_f1", *group_columns]],
             _num(r["train_seconds"], 1),
             *[_code(r[c]) for c in ["preprocessing_fingerprint", "weights_checksum", "manifest_sha256"]],
             _run_links(run, out_dir),
@@ -190,8 +237,10 @@ def _markdown_table(df: pd.DataFrame, runs: list[dict], out_dir: Path) -> str:
 
 def md_table(header: list[str], rows: list[list]) -> list[str]:
     """Markdown table lines; a '|' inside a cell is escaped so it cannot split the cell."""
-    return ["| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
-            for cells in [header, ["---"] * len(header), *rows]]
+    return [
+        "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+        for cells in [header, ["---"] * len(header), *rows]
+    ]
 
 
 def _num(value, digits: int = 3) -> str:
@@ -207,11 +256,22 @@ def _parity(runs: list[dict]) -> list[str]:
     rows = [r["record"] for r in runs if r["record"].get("parity")]
     if not rows:
         return []
-    body = [[f"`{r['run_name']}`", f"{r['parity']['parity_max_abs_logit_diff']:.2e}",
-             f"{r['parity']['parity_val_accuracy_diff']:+.4f}"] for r in rows]
-    return ["## Parity: bottleneck head vs frozen end-to-end", "",
-            "Same head, seed, batch order and optimizer; on the validation split they should agree.", "",
-            *md_table(["run", "max abs. logit difference", "validation accuracy difference"], body), ""]
+    body = [
+        [
+            f"`{r['run_name']}`",
+            f"{r['parity']['parity_max_abs_logit_diff']:.2e}",
+            f"{r['parity']['parity_val_accuracy_diff']:+.4f}",
+        ]
+        for r in rows
+    ]
+    return [
+        "## Parity: bottleneck head vs frozen end-to-end",
+        "",
+        "Same head, seed, batch order and optimizer; on the validation split they should agree.",
+        "",
+        *md_table(["run", "max abs. logit difference", "validation accuracy difference"], body),
+        "",
+    ]
 
 
 def _audit(runs: list[dict]) -> list[str]:
@@ -244,14 +304,15 @@ def _audit_run(run: dict) -> list[str]:
     else:
         pretrained = "no" if label == NOT_PRETRAINED else "yes"
         identity = f"{label} (status {w.get('status', MISSING)}, pretrained: {pretrained})"
-    weights = "; ".join([
-        identity,
-        f"source {_code(w.get('source'))}",
-        f"file sha256 {_code(w.get('file_sha256'))}",
-        f"array checksum {_code(w.get('array_checksum'))}",
-    ])
-    run_info = [f"MLflow run id {_code(record.get('mlflow_run_id'))}",
-                f"stage {record.get('stage', MISSING)}"]
+    weights = "; ".join(
+        [
+            identity,
+            f"source {_code(w.get('source'))}",
+            f"file sha256 {_code(w.get('file_sha256'))}",
+            f"array checksum {_code(w.get('array_checksum'))}",
+        ]
+    )
+    run_info = [f"MLflow run id {_code(record.get('mlflow_run_id'))}", f"stage {record.get('stage', MISSING)}"]
     if record.get("train_seconds") is not None and label != UNAVAILABLE:
         run_info.append(f"trained in {record['train_seconds']:.1f} s")
     return [
@@ -330,8 +391,10 @@ def _disagreements(records: list[dict]) -> list[str]:
             f"- **Precision:** runs were computed in {len(precisions)} precisions ({_listing(precisions)}); "
             "accuracy differences between them include the numeric precision."
         )
-    return notes or ["None: each backbone's runs share one preprocessing fingerprint and one weights "
-                     "checksum, and all runs share one split manifest and one precision."]
+    return notes or [
+        "None: each backbone's runs share one preprocessing fingerprint and one weights "
+        "checksum, and all runs share one split manifest and one precision."
+    ]
 
 
 def _distinct(records: list[dict], key) -> dict:
@@ -410,7 +473,7 @@ def _learning_curves(runs: list[dict]) -> Figure:
             ax.grid(alpha=0.3)
         loss_ax.set_xlabel("epoch")
         acc_ax.set_title(_wrap(run_label(run["record"])), fontsize=10)
-    for ax in [*acc_axes[len(runs):], *loss_axes[len(runs):]]:
+    for ax in [*acc_axes[len(runs) :], *loss_axes[len(runs) :]]:
         ax.set_axis_off()
     if runs:
         fig.legend(*acc_axes[0].get_legend_handles_labels(), loc="outside upper center", ncols=2)
@@ -432,8 +495,15 @@ def _confusion(run: dict) -> Figure:
     fig.colorbar(image, ax=ax, label="share of true class", shrink=0.8)
     for i in range(k):
         for j in range(k):
-            ax.text(j, i, f"{cm[i, j]}\n{share[i, j]:.0%}", ha="center", va="center",
-                    color="white" if share[i, j] > 0.5 else "black", fontsize=9)
+            ax.text(
+                j,
+                i,
+                f"{cm[i, j]}\n{share[i, j]:.0%}",
+                ha="center",
+                va="center",
+                color="white" if share[i, j] > 0.5 else "black",
+                fontsize=9,
+            )
     ax.set_xticks(range(k), classes, rotation=30, ha="right")
     ax.set_yticks(range(k), classes)
     ax.set_xlabel("predicted")
@@ -454,17 +524,36 @@ def _comparison(runs: list[dict]) -> Figure:
         metrics = run.get("metrics")
         caveat = weights_label(run["record"])
         if not metrics:
-            ax.text(0.01, y, "no result" if caveat != UNAVAILABLE else UNAVAILABLE,
-                    va="center", style="italic", color="dimgray")
+            ax.text(
+                0.01,
+                y,
+                "no result" if caveat != UNAVAILABLE else UNAVAILABLE,
+                va="center",
+                style="italic",
+                color="dimgray",
+            )
             continue
         acc, (lo, hi) = metrics["accuracy"], metrics["accuracy_ci95"]
         not_pretrained = caveat == NOT_PRETRAINED
-        ax.barh(y, acc, xerr=[[acc - lo], [hi - acc]], capsize=3, height=0.6,
-                color="lightgray" if not_pretrained else "C0", hatch="//" if not_pretrained else None,
-                edgecolor="dimgray")
-        ax.text(0.01, y, f"{acc:.3f} [{lo:.3f}, {hi:.3f}]", va="center", fontsize=9,
-                color="black" if not_pretrained else "white",
-                backgroundcolor="lightgray" if not_pretrained else "none")
+        ax.barh(
+            y,
+            acc,
+            xerr=[[acc - lo], [hi - acc]],
+            capsize=3,
+            height=0.6,
+            color="lightgray" if not_pretrained else "C0",
+            hatch="//" if not_pretrained else None,
+            edgecolor="dimgray",
+        )
+        ax.text(
+            0.01,
+            y,
+            f"{acc:.3f} [{lo:.3f}, {hi:.3f}]",
+            va="center",
+            fontsize=9,
+            color="black" if not_pretrained else "white",
+            backgroundcolor="lightgray" if not_pretrained else "none",
+        )
     baseline = _majority_baseline(runs)
     if baseline is not None:
         ax.axvline(baseline, color="C3", ls=":", label=f"majority class ({baseline:.3f})")

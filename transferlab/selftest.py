@@ -9,6 +9,7 @@ Each photo is run through both preprocessing variants: ``native`` must put an ex
 class in the top 5; ``rescale`` (x / 255) is reported alongside to show what the common
 mistake does to the same predictions.
 """
+
 from __future__ import annotations
 
 import json

@@ -10,6 +10,7 @@ pickles (magic number, protocol version 1001, system info, the object with stora
 replaced by persistent ids, the list of storage keys), then for each key in that list an
 int64 element count followed by the storage's raw little-endian bytes.
 """
+
 from __future__ import annotations
 
 import collections
@@ -121,8 +122,9 @@ def _materialise(t: _PendingTensor, storages: dict[str, np.ndarray]) -> np.ndarr
     if last >= flat.size:
         raise ValueError(f"tensor of size {t.size} stride {t.stride} runs past its storage ({flat.size} elements)")
     if (numel := math.prod(t.size)) > flat.size:  # stride-0 expansion: a few stored bytes would become a huge array
-        raise ValueError(f"tensor of size {t.size} stride {t.stride} has {numel} elements, "
-                         f"more than its storage holds ({flat.size})")
+        raise ValueError(
+            f"tensor of size {t.size} stride {t.stride} has {numel} elements, more than its storage holds ({flat.size})"
+        )
     view = np.lib.stride_tricks.as_strided(
         flat[t.offset :], shape=t.size, strides=tuple(s * flat.itemsize for s in t.stride), writeable=False
     )

@@ -10,6 +10,7 @@ Keras autologging logged the validation metrics twice, at step 0. The runs of on
 are children of one group run, which evaluate gives the comparison report. Evaluate adds test
 metrics to a finished run without reopening it, so the run's duration stays the training's.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,8 +35,13 @@ EXPERIMENT = "transferlab"
 UI_URL = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store (README)
 CURVES = ("loss", "accuracy", "val_loss", "val_accuracy")
 # train_head takes no ablation switch: its runs record them all off, the values that mean "correct"
-ABLATION_OFF = {"bn_training": False, "dropout_position": None, "augmentation": "none",
-                "input_size": None, "batch_size": None}
+ABLATION_OFF = {
+    "bn_training": False,
+    "dropout_position": None,
+    "augmentation": "none",
+    "input_size": None,
+    "batch_size": None,
+}
 
 
 def tracking_uri() -> str:
@@ -127,8 +133,11 @@ def run_params(record: dict, params: dict) -> dict:
     backbone = record["backbone"]
     sections = {"extract": params["extract"], "ablation": ABLATION_OFF, **record["params"]}
     return {
-        "backbone": backbone, "method": record["method"], "preprocessing": record["preprocessing"]["variant"],
-        "input_size": record["input_size"], "weights": record["weights"]["label"],
+        "backbone": backbone,
+        "method": record["method"],
+        "preprocessing": record["preprocessing"]["variant"],
+        "input_size": record["input_size"],
+        "weights": record["weights"]["label"],
         **flatten({name: _resolved(s, backbone) if isinstance(s, dict) else s for name, s in sections.items()}),
     }
 
@@ -141,14 +150,20 @@ def _store() -> tuple[mlflow.MlflowClient, str]:
 def group_run(client: mlflow.MlflowClient, experiment_id: str) -> str:
     """The run holding one `dvc repro`'s runs as children (found by tag, else created finished)."""
     name = group()
-    found = client.search_runs([experiment_id], f"tags.\"transferlab.group\" = '{name}' and "
-                                                "tags.\"transferlab.role\" = 'group'", max_results=1)
+    found = client.search_runs(
+        [experiment_id], f"tags.\"transferlab.group\" = '{name}' and tags.\"transferlab.role\" = 'group'", max_results=1
+    )
     if found:
         return found[0].info.run_id
-    note = (f"The runs of one `dvc repro` / `dvc exp run` (group `{name}`) are this run's children; "
-            "`evaluate` adds `results.md`, `results.csv` and the comparison plots here.")
-    parent = client.create_run(experiment_id, run_name=f"group/{name}", tags={
-        **_context_tags(), "transferlab.role": "group", "mlflow.note.content": note})
+    note = (
+        f"The runs of one `dvc repro` / `dvc exp run` (group `{name}`) are this run's children; "
+        "`evaluate` adds `results.md`, `results.csv` and the comparison plots here."
+    )
+    parent = client.create_run(
+        experiment_id,
+        run_name=f"group/{name}",
+        tags={**_context_tags(), "transferlab.role": "group", "mlflow.note.content": note},
+    )
     client.set_terminated(parent.info.run_id)
     return parent.info.run_id
 
@@ -161,9 +176,12 @@ def run(record: dict, params: dict):
     client, experiment_id = _store()
     mark_killed_runs(record["run_name"])
     owner = {"transferlab.host": socket.gethostname(), "transferlab.pid": str(os.getpid())}
-    with mlflow.start_run(experiment_id=experiment_id, run_name=record["run_name"],
-                          tags={**identity_tags(record), **owner},
-                          parent_run_id=group_run(client, experiment_id)) as active:
+    with mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=record["run_name"],
+        tags={**identity_tags(record), **owner},
+        parent_run_id=group_run(client, experiment_id),
+    ) as active:
         mlflow.log_params(run_params(record, params))
         yield active
 
@@ -178,9 +196,11 @@ def mark_killed_runs(run_name: str) -> list[str]:
     if experiment is None:
         return []
     quoted = run_name.replace("'", "\\'")
-    stale = client.search_runs([experiment.experiment_id],
-                               f"attributes.run_name = '{quoted}' and attributes.status = 'RUNNING' "
-                               f"and tags.`transferlab.host` = '{socket.gethostname()}'")
+    stale = client.search_runs(
+        [experiment.experiment_id],
+        f"attributes.run_name = '{quoted}' and attributes.status = 'RUNNING' "
+        f"and tags.`transferlab.host` = '{socket.gethostname()}'",
+    )
     killed = []
     for found in stale:
         pid = int(found.data.tags.get("transferlab.pid", "0"))
@@ -203,6 +223,7 @@ def _alive(pid: int) -> bool:
 
 def callbacks(directory: Path) -> list:
     """DVCLive's Keras callback, and the four curves into the active MLflow run, step = epoch from 1."""
+
     def log_epoch(epoch, logs):
         mlflow.log_metrics({k: float(logs[k]) for k in CURVES if k in logs}, step=epoch + 1)
 

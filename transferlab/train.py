@@ -5,6 +5,7 @@ features, on top of a frozen base, and on top of a partly unfrozen base. That is
 makes "bottleneck + head" and "frozen base + head" the same model, so their parity can
 be checked, and what makes each ablation switch change exactly one thing.
 """
+
 from __future__ import annotations
 
 import time
@@ -49,12 +50,20 @@ def build_head(input_shape, n_classes: int, head: dict, seed: int) -> keras.Mode
     if linear or head["dropout_position"] == "before_dense":
         x = dropout(x)
     if not linear:
-        x = keras.layers.Dense(head["units"], activation="relu", name="head_dense",
-                               kernel_initializer=keras.initializers.GlorotUniform(seed))(x)
+        x = keras.layers.Dense(
+            head["units"],
+            activation="relu",
+            name="head_dense",
+            kernel_initializer=keras.initializers.GlorotUniform(seed),
+        )(x)
         if head["dropout_position"] == "after_dense":
             x = dropout(x)
-    logits = keras.layers.Dense(n_classes, name="logits", dtype="float32",  # float32 logits and loss under mixed policies
-                                kernel_initializer=keras.initializers.GlorotUniform(seed + 1))(x)
+    logits = keras.layers.Dense(
+        n_classes,
+        name="logits",
+        dtype="float32",  # float32 logits and loss under mixed policies
+        kernel_initializer=keras.initializers.GlorotUniform(seed + 1),
+    )(x)
     return keras.Model(inputs, logits, name="head")
 
 
@@ -112,13 +121,16 @@ def top_model(base: keras.Model, boundary: str, head: keras.Model, pooling: str)
 
 def make_optimizer(name: str, learning_rate: float, momentum: float = 0.0):
     """``name`` is one of transferlab.params.OPTIMIZERS (checked there)."""
-    return {"adam": lambda: keras.optimizers.Adam(learning_rate),
-            "sgd": lambda: keras.optimizers.SGD(learning_rate, momentum=momentum)}[name]()
+    return {
+        "adam": lambda: keras.optimizers.Adam(learning_rate),
+        "sgd": lambda: keras.optimizers.SGD(learning_rate, momentum=momentum),
+    }[name]()
 
 
 def compile_model(model: keras.Model, optimizer) -> None:
-    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
+    model.compile(
+        optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"]
+    )
 
 
 class StopOnNonFinite(keras.callbacks.Callback):
@@ -146,8 +158,14 @@ class StopOnNonFinite(keras.callbacks.Callback):
 def fit(model: keras.Model, train_ds, val_ds, epochs: int, callbacks=()) -> tuple[pd.DataFrame, float]:
     """Train; returns the per-epoch history (epoch from 1) and the wall time in seconds."""
     start = time.perf_counter()
-    hist = model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=2, shuffle=False,  # tf.data shuffles
-                     callbacks=[StopOnNonFinite(), *callbacks])
+    hist = model.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=epochs,
+        verbose=2,
+        shuffle=False,  # tf.data shuffles
+        callbacks=[StopOnNonFinite(), *callbacks],
+    )
     seconds = time.perf_counter() - start
     history = pd.DataFrame(hist.history)
     history.insert(0, "epoch", np.arange(1, len(history) + 1))
@@ -168,8 +186,13 @@ def train_head(x_train, y_train, x_val, y_val, n_classes: int, cfg: dict, head: 
     with strategy().scope():
         model = build_head(x_train.shape[1:], n_classes, head, cfg["seed"])
         compile_model(model, make_optimizer(cfg["optimizer"], cfg["learning_rate"], cfg["momentum"]))
-    history, seconds = fit(model, feature_dataset(x_train, y_train, cfg["batch_size"], shuffle_seed=cfg["seed"]),
-                           feature_dataset(x_val, y_val, cfg["batch_size"]), cfg["epochs"], callbacks)
+    history, seconds = fit(
+        model,
+        feature_dataset(x_train, y_train, cfg["batch_size"], shuffle_seed=cfg["seed"]),
+        feature_dataset(x_val, y_val, cfg["batch_size"]),
+        cfg["epochs"],
+        callbacks,
+    )
     return model, history, seconds
 
 

@@ -11,6 +11,7 @@ by Keras' file hash, or by the array checksum pinned in the backbone's registry 
 file that does not match a pin is "user-supplied, unverified". A backbone without weights
 is reported, never silently trained from scratch.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -53,8 +54,16 @@ VGG16_CONV_LAYERS = tuple(
 # Published values of Keras' vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5: leading biases per layer.
 VGG16_REFERENCE_BIASES = {
     "block1_conv1": [
-        0.73429835, 0.093403675, 0.06775674, 0.8862966, 0.25994542,
-        0.66426694, -0.015828926, 0.3249065, 0.68600726, 0.062479325,
+        0.73429835,
+        0.093403675,
+        0.06775674,
+        0.8862966,
+        0.25994542,
+        0.66426694,
+        -0.015828926,
+        0.3249065,
+        0.68600726,
+        0.062479325,
     ],
     "block3_conv1": [-0.074358866],
     "block5_conv3": [0.18837857],
@@ -174,8 +183,11 @@ def load_backbone(
                 else "Only the notop weights exist for this source."
             )
         )
-    path, expected = (weights_dir / TOP, identity["top_file_sha256"]) if include_top else (
-        weights_dir / NOTOP, identity["file_sha256"])
+    path, expected = (
+        (weights_dir / TOP, identity["top_file_sha256"])
+        if include_top
+        else (weights_dir / NOTOP, identity["file_sha256"])
+    )
     if files.sha256_file(path) != expected:
         raise RuntimeError(f"{path} changed since it was resolved (sha256 is not {expected}); rerun the weights stage")
     model = backbone.build(include_top, None, input_size)
@@ -285,8 +297,9 @@ def _from_path(path: str, backbone: Backbone, out: Path) -> dict:
     try:
         model.load_weights(file)
     except Exception as error:  # Keras says why: not HDF5, wrong layer count, wrong shapes, missing layers
-        raise WeightsFileError(f"{where} cannot be loaded as {backbone.name} notop weights: {_short(error, 400)}") \
-            from None
+        raise WeightsFileError(
+            f"{where} cannot be loaded as {backbone.name} notop weights: {_short(error, 400)}"
+        ) from None
     model.save_weights(out / NOTOP)
     imagenet = array_checksum(model) == backbone.imagenet_checksums.get("notop")
     return {
@@ -365,8 +378,14 @@ def _pretrained(backbone: Backbone, weights_params: dict, out: Path) -> dict:
             tried.append(f"{name}: {_short(error)}")
             for leftover in out.iterdir():
                 leftover.unlink()
-    return _identity(backbone, out, "unavailable", label="weights unavailable", source="none",
-                     message=_missing_message(backbone, tried))
+    return _identity(
+        backbone,
+        out,
+        "unavailable",
+        label="weights unavailable",
+        source="none",
+        message=_missing_message(backbone, tried),
+    )
 
 
 def _random(backbone: Backbone, out: Path) -> dict:
@@ -375,8 +394,16 @@ def _random(backbone: Backbone, out: Path) -> dict:
     return _identity(backbone, out, "random", label="not pretrained", source="random")
 
 
-def _identity(backbone: Backbone, out: Path, status: str, label: str, source: str, verified: str | None = None,
-              message: str | None = None, source_file_sha256: str | None = None) -> dict:
+def _identity(
+    backbone: Backbone,
+    out: Path,
+    status: str,
+    label: str,
+    source: str,
+    verified: str | None = None,
+    message: str | None = None,
+    source_file_sha256: str | None = None,
+) -> dict:
     """What ``out`` holds; the checksum comes from loading the file as written, not from memory."""
     notop, top = out / NOTOP, out / TOP
     checksum = None
@@ -466,7 +493,9 @@ def _mismatches(backbone: Backbone, directory: Path, names: tuple[str, ...]) -> 
         except Exception as error:  # unreadable counts as a mismatch: convert again
             got = _short(error)
         if got != expected:
-            problems.append(f"{name} arrays {got[:80]} are not the pinned {backbone.name} {kind} checksum {expected[:16]}")
+            problems.append(
+                f"{name} arrays {got[:80]} are not the pinned {backbone.name} {kind} checksum {expected[:16]}"
+            )
     return problems
 
 
