@@ -49,7 +49,7 @@ def elpv_sample(n: int, seed: int = 0) -> tuple[list[str], np.ndarray]:
     root = data.elpv_root()
     rows = [line.split() for line in (root / "labels.csv").read_text().splitlines() if line.strip()]
     rows = [rows[i] for i in np.random.default_rng(seed).permutation(len(rows))[:n]]
-    return [str(root / path) for path, _, _ in rows], np.array([data._elpv_class(p) for _, p, _ in rows])
+    return [str(root / path) for path, _, _ in rows], np.array([data.elpv_class(p) for _, p, _ in rows])
 
 
 def load_images(paths, labels, record) -> np.ndarray:

@@ -9,16 +9,16 @@ trained the model, with its figures; the reports also go into the MLflow run of 
 `dvc repro`'s group.
 """
 
-from pathlib import Path
-
 import pandas as pd
 
 from transferlab import (
     backbones,
+    cli,
     data,
     dvcfiles,
     features,
     files,
+    layout,
     metrics,
     precision,
     provenance,
@@ -26,53 +26,45 @@ from transferlab import (
     tracking,
     train,
 )
-from transferlab.params import load_for_stage
 
 
-def test_logits(record: dict, run_dir: Path, manifest: pd.DataFrame, n_classes: int):
+def test_logits(record: dict, run_dir, manifest: pd.DataFrame, n_classes: int, batch_size: int):
     """(ids, labels, logits) on the test split, after checking the inputs match the training record."""
-    pair = f"{record['backbone']}-{record['preprocessing']['variant']}"
     head_cfg = record["params"]["head"]
-    if record["method"] == "bottleneck":
-        meta = provenance.load(Path("features") / pair / "meta.json")
+    if record["method"] == layout.TRAIN_HEAD:
+        features_dir = layout.features_dir(record["backbone"], record["preprocessing"]["variant"])
+        meta = provenance.load(features_dir / layout.FEATURES_META)
         provenance.check_same(record, meta, record["run_name"])
-        ids, labels, x = features.load_split(Path("features") / pair, "test", train.feature_output(head_cfg["pooling"]))
+        ids, labels, x = features.load_split(features_dir, "test", train.feature_output(head_cfg["pooling"]))
         with precision.policy(record.get("precision")):
-            head = train.load_head(run_dir / "head.weights.h5", x.shape[1:], n_classes, head_cfg)
+            head = train.load_head(run_dir / layout.HEAD_WEIGHTS, x.shape[1:], n_classes, head_cfg)
         return ids, labels, head.predict(x, verbose=0)
     provenance.check_current(record)
     with precision.policy(record.get("precision")):
         base = backbones.get(record["backbone"]).build(False, None, record["input_size"])
         model = train.end_to_end(base, train.head_for(base, n_classes, head_cfg, 0), head_cfg["pooling"])
-    model.load_weights(run_dir / "model.weights.h5")
+    model.load_weights(run_dir / layout.MODEL_WEIGHTS)
     rows = manifest[manifest["split"] == "test"]
-    ds = features.image_dataset(data.resolve_paths(rows), rows["class_index"].tolist(), record["preprocessing"], 32)
+    ds = features.image_dataset(
+        data.resolve_paths(rows), rows["class_index"].tolist(), record["preprocessing"], batch_size
+    )
     return rows["id"].tolist(), rows["class_index"].to_numpy(), train.predict_logits(model, ds)
 
 
-def run_dirs(params: dict) -> list[Path]:
-    """The runs the current params define; leftovers of other settings under runs/ are not scored."""
-    extract, finetune = params["extract"], params["finetune"]
-    pairs = [Path("runs/train_head") / f"{b}-{p}" for b in extract["backbones"] for p in extract["preprocessing"]]
-    return pairs + [
-        Path("runs") / m / f"{b}-{finetune['preprocessing']}"
-        for m in finetune["methods"]
-        for b in finetune["backbones"]
-    ]
-
-
-def main() -> None:
-    all_params = load_for_stage("evaluate")
+def main(all_params: dict) -> None:
     params = all_params["evaluate"]
     manifest = data.load_manifest()
     classes = data.load_classes()
     by_id = manifest.set_index("id")
     runs, scored = [], []
-    for run_dir in run_dirs(all_params):  # check and score everything first: a refusal logs nothing
-        record = provenance.load(run_dir / "run.json")
+    # Check and score everything first, so a refusal logs nothing. Only the runs the current params
+    # define are scored: leftovers of other settings under runs/ are not.
+    for name in layout.planned_runs(all_params):
+        run_dir = layout.run_dir(name)
+        record = provenance.load(run_dir / layout.RUN_RECORD)
         run = {"record": record, "metrics": None, "history": None}
         if record["status"] == "trained":
-            ids, labels, logits = test_logits(record, run_dir, manifest, len(classes))
+            ids, labels, logits = test_logits(record, run_dir, manifest, len(classes), params["batch_size"])
             if list(by_id.loc[ids, "class_index"]) != list(labels):
                 raise SystemExit(f"{record['run_name']}: test labels are not aligned with the manifest")
             scored.append((run, run_dir, ids, labels, logits))
@@ -81,26 +73,23 @@ def main() -> None:
         record, pred = run["record"], logits.argmax(1)
         groups = {c: by_id.loc[ids, c].to_numpy() for c in params["group_by"] if c in by_id}
         run["metrics"] = metrics.compute(labels, pred, classes, groups, params["bootstrap"], params["seed"])
-        run["history"] = pd.read_csv(run_dir / "history.csv")
-        out = Path("results/eval") / record["run_name"]
+        run["history"] = pd.read_csv(run_dir / layout.HISTORY)
+        out = layout.eval_dir(record["run_name"])
         out.mkdir(parents=True, exist_ok=True)
         pd.DataFrame(
             {"id": ids, "label": labels, "pred": pred, **{f"logit_{c}": logits[:, i] for i, c in enumerate(classes)}}
-        ).to_csv(out / "predictions.csv", index=False)
-        files.write_json(out / "metrics.json", run["metrics"])
+        ).to_csv(out / layout.PREDICTIONS, index=False)
+        files.write_json(out / layout.EVAL_METRICS, run["metrics"])
         print(
             f"{record['run_name']}: test accuracy {run['metrics']['accuracy']:.3f} "
             f"[{run['metrics']['accuracy_ci95'][0]:.3f}, {run['metrics']['accuracy_ci95'][1]:.3f}]"
         )
     urls = tracking.link_runs(runs)
-    report.write(runs, Path("reports"), urls)
-    tracking.log_evaluation(runs, Path("reports"), Path("results/eval"))
-    dvcfiles.write(runs, Path("results/metrics"), Path("reports/plots"))
+    report.write(runs, layout.REPORTS, urls)
+    tracking.log_evaluation(runs, layout.REPORTS, layout.EVAL)
+    dvcfiles.write(runs, layout.METRICS, layout.PLOTS)
     print(f"MLflow (`mlflow ui`): this run group {urls['group']}\n  all training runs {urls['runs']}")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except provenance.ProvenanceMismatch as error:
-        raise SystemExit(f"evaluate: {error}") from None
+    cli.run("evaluate", main, __doc__, errors=(provenance.ProvenanceMismatch,))

@@ -7,46 +7,39 @@ saved_model/ (TF Serving). The model is logged to its training run and registere
 export.registered_model (default transferlab-<dataset>) with the alias export.alias.
 """
 
-from pathlib import Path
-
-from transferlab import data, export, files, provenance
-from transferlab.params import load_for_stage
+from transferlab import cli, data, export, files, layout, provenance
 
 
-def main() -> None:
-    params = load_for_stage("export")
+def main(params: dict) -> None:
     cfg = params["export"]
-    split_dir, weights_root = Path("data/split"), Path("models/weights")
-    try:
-        found = export.candidates(Path("runs"), Path("results/eval"))
-        chosen = export.choose(found, cfg["run"])
-        record = provenance.load(Path("runs") / chosen["run_name"] / "run.json")
-        provenance.check_current(record, weights_root, split_dir)
-        classes = data.load_classes(split_dir)
-        model = export.build(record, Path("runs") / chosen["run_name"], len(classes), weights_root)
-        equivalence = export.check_equivalence(
-            model,
-            Path("results/eval") / chosen["run_name"] / "predictions.csv",
-            split_dir,
-            classes,
-            record.get("precision"),
-        )
-    except (export.ExportError, provenance.ProvenanceMismatch) as error:
-        raise SystemExit(f"export: {error}") from None
+    found = export.candidates(layout.RUNS, layout.EVAL)
+    chosen = export.choose(found, cfg["run"])
+    run_dir = layout.run_dir(chosen["run_name"])
+    record = provenance.load(run_dir / layout.RUN_RECORD)
+    provenance.check_current(record, layout.WEIGHTS, layout.SPLIT)
+    classes = data.load_classes(layout.SPLIT)
+    model = export.build(record, run_dir, len(classes), layout.WEIGHTS)
+    equivalence = export.check_equivalence(
+        model,
+        layout.eval_dir(chosen["run_name"]) / layout.PREDICTIONS,
+        layout.SPLIT,
+        classes,
+        record.get("precision"),
+    )
     selection = {
         "chosen_by": "export.run" if cfg["run"] else "validation accuracy",
         "rule": export.SELECTION_RULE,
         "candidates": found,
     }
     meta = {**export.metadata(record, classes, selection), "equivalence_on_test": equivalence}
-    with files.atomic_dir(Path("models/export")) as out:
+    with files.atomic_dir(layout.EXPORT) as out:
         export.save(model, meta, out)
         registry = export.register(
             model,
             meta,
             record,
             export.model_name(params["data"], cfg["registered_model"]),
-            export.example_image(split_dir),
+            export.example_image(layout.SPLIT),
             cfg["alias"],
         )
         files.write_json(out / "model.json", {**meta, "mlflow": registry})
@@ -60,4 +53,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run("export", main, __doc__, errors=(export.ExportError, provenance.ProvenanceMismatch))

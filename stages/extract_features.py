@@ -1,25 +1,19 @@
 """extract_features: pooled (and cut-point) features of one backbone x preprocessing pair, per split.
 
-Usage: python stages/extract_features.py BACKBONE PREPROCESSING
 Writes features/BACKBONE-PREPROCESSING/{train,val,test}/ and meta.json (how they were made), and the
 extraction speed to results/extract_features/BACKBONE-PREPROCESSING.json.
 """
 
-import sys
-from pathlib import Path
-
-from transferlab import backbones, data, features, files, precision, provenance, weights
-from transferlab.params import load_for_stage
+from transferlab import backbones, cli, data, features, files, layout, precision, provenance, weights
 
 
-def main(name: str, variant: str) -> None:
-    params = load_for_stage("extract_features")
+def main(params: dict, name: str, variant: str) -> None:
     extract, finetune = params["extract"], params["finetune"]
     bb = backbones.get(name)
     meta = provenance.describe(name, variant, extract["input_size"].get(name), precision.from_params(params))
     meta.update(status=meta["weights"]["status"], batch_size=extract["batch_size"], versions=features.versions())
     speed = {"weights_unavailable": 1}
-    with files.atomic_dir(Path("features") / f"{name}-{variant}") as out:
+    with files.atomic_dir(layout.features_dir(name, variant)) as out:
         if meta["status"] == "unavailable":
             print(f"{name}: weights unavailable, no features extracted. {meta['weights']['message']}")
         else:
@@ -27,7 +21,7 @@ def main(name: str, variant: str) -> None:
             if name in finetune["cut_point"] and variant == finetune["preprocessing"]:
                 cut = backbones.cut_boundary(bb, finetune["cut_point"][name])
             with precision.policy(meta["precision"]):  # features are stored as float32 whatever the policy
-                base = weights.load_backbone(bb, Path("models/weights") / name, input_size=meta["input_size"])
+                base = weights.load_backbone(bb, layout.weights_dir(name), input_size=meta["input_size"])
                 model = features.extractor(base, cut, extract["conv_map"])
             manifest = data.load_manifest()
             manifest["abspath"] = data.resolve_paths(manifest)
@@ -42,18 +36,18 @@ def main(name: str, variant: str) -> None:
                     meta["preprocessing"],
                     extract["batch_size"],
                     out / split,
-                    f"{name}-{variant} {split}",
+                    f"{layout.pair(name, variant)} {split}",
                 )
                 speed[split] = {k: stats.pop(k) for k in ("seconds", "images_per_second")}
                 meta["splits"][split] = stats
-        files.write_json(out / "meta.json", meta)
+        files.write_json(out / layout.FEATURES_META, meta)
     # Timings vary run to run; kept out of features/ so identical features keep later stages cached.
-    metrics = Path("results/extract_features") / f"{name}-{variant}.json"
+    metrics = layout.extract_speed(name, variant)
     metrics.parent.mkdir(parents=True, exist_ok=True)
     files.write_json(metrics, speed)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        raise SystemExit(__doc__)
-    main(*sys.argv[1:])
+    cli.run(
+        "extract_features", main, __doc__, {"backbone": sorted(backbones.REGISTRY), "preprocessing": backbones.VARIANTS}
+    )

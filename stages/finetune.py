@@ -1,6 +1,5 @@
 """finetune: the frozen end-to-end model or top-block fine-tuning, for one backbone.
 
-Usage: python stages/finetune.py METHOD BACKBONE    (METHOD: frozen_end_to_end | finetune_top)
 frozen_end_to_end: the frozen base + the head, trained on images with train_head's settings;
   it must reproduce train_head, and the parity figures say whether it does.
 finetune_top: unfreezes the base above its cut point, starting from train_head's head; trains on the
@@ -8,70 +7,47 @@ finetune_top: unfreezes the base above its cut point, starting from train_head's
 Writes runs/METHOD/PAIR/ (model weights, history, run.json) and DVCLive files in results/METHOD/PAIR/.
 """
 
-import sys
-from pathlib import Path
-
 import mlflow
-import numpy as np
 
-from transferlab import backbones, data, features, files, precision, provenance, tracking, train, weights
-from transferlab.params import FINETUNE_METHODS, load_for_stage
-
-
-def parity(model, head_cfg: dict, n_classes: int, pair: str, val_images, pooling: str, batch_size: int) -> dict:
-    """Compare with train_head on the validation split: same model, so logits should agree."""
-    _, y_val, x_val = features.load_split(Path("features") / pair, "val", train.feature_output(pooling))
-    head = train.load_head(Path("runs/train_head") / pair / "head.weights.h5", x_val.shape[1:], n_classes, head_cfg)
-    bottleneck = train.predict_logits(head, train.feature_dataset(x_val, y_val, batch_size))
-    end_to_end = train.predict_logits(model, val_images)
-    acc = lambda logits: float(np.mean(logits.argmax(1) == y_val))  # noqa: E731
-    return {
-        "parity_max_abs_logit_diff": float(np.abs(bottleneck - end_to_end).max()),
-        "parity_val_accuracy_diff": acc(end_to_end) - acc(bottleneck),
-    }
+from transferlab import backbones, cli, data, features, files, layout, precision, provenance, tracking, train, weights
+from transferlab import finetune as planning
 
 
-def main(method: str, name: str) -> None:
-    if method not in FINETUNE_METHODS:
-        raise SystemExit(f"finetune: method must be one of {FINETUNE_METHODS}, got {method!r}")
-    params = load_for_stage("finetune")
-    ft, ablation, head_params = params["finetune"], params["ablation"], params["head"]
-    cfg = params["train"] if method == "frozen_end_to_end" else ft
-    seed, pair, bb = params["train"]["seed"], f"{name}-{ft['preprocessing']}", backbones.get(name)
-    meta = provenance.load(Path("features") / pair / "meta.json")
-    head_cfg = {**head_params, "dropout_position": ablation["dropout_position"] or head_params["dropout_position"]}
-    batch_size = ablation["batch_size"] or cfg["batch_size"]
-    input_size = ablation["input_size"] or meta["input_size"]
-    boundary = backbones.cut_boundary(bb, ft["cut_point"].get(name, "")) if method == "finetune_top" else None
-    record = provenance.describe(name, ft["preprocessing"], input_size, precision.from_params(params))
+def main(params: dict, method: str, name: str) -> None:
+    ablation, preprocessing = params["ablation"], params["finetune"]["preprocessing"]
+    features_dir = layout.features_dir(name, preprocessing)
+    head_weights = layout.run_dir(layout.run_name(layout.TRAIN_HEAD, name, preprocessing)) / layout.HEAD_WEIGHTS
+    meta = provenance.load(features_dir / layout.FEATURES_META)
+    plan = planning.plan(method, name, params, meta)
+    seed, batch_size, cfg = plan.seed, plan.batch_size, plan.cfg
+    record = provenance.describe(name, plan.preprocessing, plan.input_size, precision.from_params(params))
     record.update(
-        run_name=f"{method}/{pair}",
+        run_name=plan.run_name,
         stage="finetune",
         method=method,
         status="trained",
         params={
-            "train" if method == "frozen_end_to_end" else "finetune": cfg,
-            "head": head_cfg,
+            plan.section: cfg,
+            "head": plan.head_cfg,
             "ablation": ablation,
-            "cut_boundary": boundary,
+            "cut_boundary": plan.boundary,
             "compute": {"precision": record["precision"]},
         },
     )
     with (
-        files.atomic_dir(Path("runs") / method / pair) as out,
-        files.atomic_dir(Path("results") / method / pair) as live_dir,
+        files.atomic_dir(layout.run_dir(plan.run_name)) as out,
+        files.atomic_dir(layout.live_dir(plan.run_name)) as live_dir,
     ):
         if meta["status"] == "unavailable":
             tracking.skip_unavailable(out, live_dir, record, params)
             return
         # train_head's head and the cut activations come from these features: same precision, or refuse
-        provenance.require_precision(meta.get("precision"), record["precision"], f"features/{pair}")
+        provenance.require_precision(meta.get("precision"), record["precision"], features_dir.as_posix())
         manifest = data.load_manifest()
         manifest["abspath"] = data.resolve_paths(manifest)
         splits = {s: manifest[manifest["split"] == s] for s in ("train", "val")}
         n_classes = len(data.load_classes())
         augment = ablation["augmentation"]
-        cached = method == "finetune_top" and augment == "none" and input_size == meta["input_size"]
 
         def images(split: str, shuffle: bool, augmented: bool):
             rows = splits[split]
@@ -87,40 +63,40 @@ def main(method: str, name: str) -> None:
         with tracking.run(record, params) as active:
             train.seed_everything(seed)
             with train.strategy().scope(), precision.policy(record["precision"]):
-                base = weights.load_backbone(bb, Path("models/weights") / name, input_size=input_size)
-                train.configure_base(base, boundary, ablation["bn_training"])
-                head = train.head_for(base, n_classes, head_cfg, seed)
-                if method == "finetune_top" and ft["head_init"] == "trained":
-                    head.load_weights(Path("runs/train_head") / pair / "head.weights.h5")
-                full = train.end_to_end(base, head, head_cfg["pooling"])
-                model = train.top_model(base, boundary, head, head_cfg["pooling"]) if cached else full
+                base = weights.load_backbone(backbones.get(name), layout.weights_dir(name), input_size=plan.input_size)
+                train.configure_base(base, plan.boundary, ablation["bn_training"])
+                head = train.head_for(base, n_classes, plan.head_cfg, seed)
+                if plan.trained_head:
+                    head.load_weights(head_weights)
+                full = train.end_to_end(base, head, plan.head_cfg["pooling"])
+                model = train.top_model(base, plan.boundary, head, plan.head_cfg["pooling"]) if plan.cached else full
                 train.compile_model(
                     model, train.make_optimizer(cfg["optimizer"], cfg["learning_rate"], cfg["momentum"])
                 )
-            if cached:
+            if plan.cached:
                 data_sets = []
                 for split in ("train", "val"):
-                    _, labels, cut = features.load_split(Path("features") / pair, split, "cut")
+                    _, labels, cut = features.load_split(features_dir, split, "cut")
                     data_sets.append(train.feature_dataset(cut, labels, batch_size, seed if split == "train" else None))
             else:
                 data_sets = [images("train", True, augment != "none"), images("val", False, augment == "train_and_val")]
             history, seconds = train.fit(model, *data_sets, cfg["epochs"], tracking.callbacks(live_dir))
-            full.save_weights(out / "model.weights.h5")
+            full.save_weights(out / layout.MODEL_WEIGHTS)
             record.update(
                 train_seconds=round(seconds, 2),
                 mlflow_run_id=active.info.run_id,
-                cached_path=cached,
+                cached_path=plan.cached,
                 val_accuracy=float(history["val_accuracy"].iloc[-1]),
             )
             if method == "frozen_end_to_end":
                 with precision.policy(record["precision"]):  # both paths compute the base in this precision
-                    record["parity"] = parity(
+                    record["parity"] = planning.parity(
                         full,
                         params["head"],
                         n_classes,
-                        pair,
+                        features_dir,
+                        head_weights,
                         images("val", False, False),
-                        head_cfg["pooling"],
                         batch_size,
                     )
                 mlflow.log_metrics(record["parity"])
@@ -129,9 +105,10 @@ def main(method: str, name: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        raise SystemExit(__doc__)
-    try:
-        main(*sys.argv[1:])
-    except (provenance.ProvenanceMismatch, FloatingPointError) as error:
-        raise SystemExit(f"finetune: {error}") from None
+    cli.run(
+        "finetune",
+        main,
+        __doc__,
+        {"method": layout.FINETUNE_METHODS, "backbone": sorted(backbones.REGISTRY)},
+        (provenance.ProvenanceMismatch, FloatingPointError),
+    )

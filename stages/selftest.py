@@ -4,18 +4,14 @@ Writes results/selftest.json and reports/selftest.md; exits non-zero if a native
 """
 
 import sys
-from pathlib import Path
 
-from transferlab import files, precision, selftest
-from transferlab.params import load_for_stage
+from transferlab import cli, files, layout, precision, selftest, weights
 
-WEIGHTS_ROOT = Path("models/weights")
-RESULTS = Path("results/selftest.json")
-REPORT = Path("reports/selftest.md")
+RESULTS, REPORT = layout.SELFTEST_RESULTS, layout.SELFTEST_REPORT
 
 
 def check(name: str) -> dict:
-    identity_path = WEIGHTS_ROOT / name / "identity.json"
+    identity_path = layout.weights_dir(name) / weights.IDENTITY
     identity = files.read_json(identity_path) if identity_path.is_file() else {}
     if not identity or "unavailable" in str(identity.get("status", "")):
         return {"backbone": name, "status": "skipped: weights unavailable"}
@@ -23,7 +19,7 @@ def check(name: str) -> dict:
         return {"backbone": name, "status": "skipped: not pretrained (weights.init: none)"}
     if not identity.get("top_available"):
         return {"backbone": name, "status": "skipped: classifier top not available"}
-    return selftest.run(name, WEIGHTS_ROOT / name)
+    return selftest.run(name, layout.weights_dir(name))
 
 
 def _top5(variant: dict) -> str:
@@ -54,8 +50,7 @@ def markdown(results: list[dict], computed: tuple[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
-    params = load_for_stage("selftest")
+def main(params: dict) -> int:
     computed = precision.from_params(params)
     with precision.policy(computed[0]):  # the precision the pipeline's features will be computed in
         results = [check(name) for name in params["extract"]["backbones"]]
@@ -77,4 +72,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run("selftest", main, __doc__)

@@ -1,18 +1,12 @@
 """DVC stage: resolve one backbone's pretrained weights into models/weights/<backbone>.
 
-Usage: python stages/weights.py <backbone>
 Exits non-zero when a file named in weights.paths cannot be used, or with weights.missing: error;
 otherwise a missing backbone is recorded as "weights unavailable" for later stages to skip and name.
 """
 
-import argparse
 import sys
-from pathlib import Path
 
-from transferlab import backbones, weights
-from transferlab.params import load_for_stage
-
-ROOT = Path(__file__).resolve().parents[1]
+from transferlab import backbones, cli, layout, weights
 
 
 def summary(identity: dict) -> str:
@@ -24,21 +18,18 @@ def summary(identity: dict) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("backbone", choices=sorted(backbones.REGISTRY))
-    args = parser.parse_args(argv)
-    params = load_for_stage("weights", ROOT / "params.yaml")["weights"]
-    try:
-        identity = weights.resolve(backbones.get(args.backbone), params, ROOT / "models" / "weights" / args.backbone)
-    except (weights.WeightsUnavailable, weights.WeightsFileError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+def main(params: dict, name: str) -> None:
+    identity = weights.resolve(backbones.get(name), params["weights"], layout.weights_dir(name))
     print(summary(identity))
     if identity["message"]:
         print(identity["message"], file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(
+        "weights",
+        main,
+        __doc__,
+        {"backbone": sorted(backbones.REGISTRY)},
+        (weights.WeightsUnavailable, weights.WeightsFileError),
+    )

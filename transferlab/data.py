@@ -60,7 +60,7 @@ import pandas as pd
 from PIL import Image, ImageFile, UnidentifiedImageError
 from tqdm import tqdm
 
-from transferlab import files
+from transferlab import files, layout
 from transferlab.images import CONVERSIONS, open_rgb
 
 SPLITS = ("train", "val", "test")
@@ -130,7 +130,7 @@ class _Scan:
 # ---------------------------------------------------------------- public API for other stages
 
 
-def load_manifest(split_dir: str | os.PathLike = "data/split") -> pd.DataFrame:
+def load_manifest(split_dir: str | os.PathLike = layout.SPLIT) -> pd.DataFrame:
     """The manifest with text columns kept as text (a class called "NA" or "1" stays a string)."""
     return pd.read_csv(
         Path(split_dir) / "manifest.csv",
@@ -139,7 +139,7 @@ def load_manifest(split_dir: str | os.PathLike = "data/split") -> pd.DataFrame:
     )
 
 
-def resolve_paths(df: pd.DataFrame, split_dir: str | os.PathLike = "data/split") -> list[str]:
+def resolve_paths(df: pd.DataFrame, split_dir: str | os.PathLike = layout.SPLIT) -> list[str]:
     """Absolute paths of the manifest rows on this machine (the root lives in source.json)."""
     root = files.read_json(Path(split_dir) / "source.json")["root"]
     if not os.path.isdir(root):
@@ -150,12 +150,12 @@ def resolve_paths(df: pd.DataFrame, split_dir: str | os.PathLike = "data/split")
     return [os.path.join(root, *path.split("/")) for path in df["path"]]
 
 
-def manifest_sha256(split_dir: str | os.PathLike = "data/split") -> str:
+def manifest_sha256(split_dir: str | os.PathLike = layout.SPLIT) -> str:
     """Fingerprint of the exact images, labels and split every downstream result depends on."""
     return files.sha256_file(Path(split_dir) / "manifest.csv")
 
 
-def load_classes(split_dir: str | os.PathLike = "data/split") -> list[str]:
+def load_classes(split_dir: str | os.PathLike = layout.SPLIT) -> list[str]:
     """Class names in index order."""
     return list(files.read_json(Path(split_dir) / "classes.json")["classes"])
 
@@ -218,7 +218,7 @@ def make_split(params: dict) -> Split:
     return Split(manifest, classes, bad_files, summary, source)
 
 
-def write_split(split: Split, split_dir: str | os.PathLike = "data/split") -> None:
+def write_split(split: Split, split_dir: str | os.PathLike = layout.SPLIT) -> None:
     """Write all outputs at once: a failure leaves the previous split_dir (or none), never half of one."""
     with files.atomic_dir(split_dir) as out:
         split.manifest.to_csv(out / "manifest.csv", index=False, lineterminator="\n")
@@ -345,7 +345,7 @@ def elpv_root() -> Path:
 # ---------------------------------------------------------------- sources
 
 
-def _walk(root: Path, under: str = "") -> tuple[list[str], list[tuple[str, str]]]:
+def walk(root: Path, under: str = "") -> tuple[list[str], list[tuple[str, str]]]:
     """Every file below root/under as a sorted POSIX path relative to root, and the hidden ones flagged.
 
     Symlinks are followed, except a folder link that leads back to an ancestor (a loop).
@@ -392,7 +392,7 @@ def _scan_folder(folder) -> _Scan:
     root = Path(folder).expanduser().resolve()
     if not root.is_dir():
         raise DataError(f"data.folder {folder!r} is not a directory (resolved to {root})")
-    found, bad = _walk(root)
+    found, bad = walk(root)
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and _unusable_name(e.name, "folder") is None)
     candidates = []
     for path in found:
@@ -408,7 +408,7 @@ def _scan_elpv(root: Path) -> _Scan:
     labels = root / "labels.csv"
     if not labels.is_file():
         raise DataError(f"ELPV labels not found at {labels}; is the elpv-dataset package complete?")
-    found, bad = _walk(root, "images")
+    found, bad = walk(root, "images")
     on_disk = set(found)
     lines: dict[str, list[tuple[int, list[str]]]] = {}
     for number, line in enumerate(labels.read_text().splitlines(), 1):
@@ -428,7 +428,7 @@ def _scan_elpv(root: Path) -> _Scan:
             bad.append((path, f"listed in labels.csv (line {numbers}) but the file is missing"))
         else:
             _, (_, probability, cell_type) = entries[0]
-            index = _elpv_class(probability)
+            index = elpv_class(probability)
             if index is None:
                 bad.append(
                     (
@@ -448,7 +448,8 @@ def _scan_elpv(root: Path) -> _Scan:
     return _Scan(root, list(ELPV_CLASSES), candidates, bad, info)
 
 
-def _elpv_class(probability: str) -> int | None:
+def elpv_class(probability: str) -> int | None:
+    """The class index of an ELPV defect probability as labels.csv writes it; None if it is not 0, 1/3, 2/3 or 1."""
     try:
         value = float(probability)
     except ValueError:

@@ -19,7 +19,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from transferlab import backbones, data, files, precision, predict, tracking, train, weights
+from transferlab import backbones, data, files, layout, precision, predict, tracking, train, weights
 
 ALIAS = "champion"
 # Probabilities of the exported model vs evaluate's softmax(logits): same weights and bit-identical
@@ -40,12 +40,12 @@ class ExportError(ValueError):
 def candidates(runs_root: Path, eval_root: Path) -> list[dict]:
     """The trained runs evaluate scored, with their final-epoch validation figures (never test ones)."""
     found = []
-    for predictions in sorted(Path(eval_root).glob("**/predictions.csv")):
+    for predictions in sorted(Path(eval_root).glob(f"**/{layout.PREDICTIONS}")):
         name = predictions.parent.relative_to(eval_root).as_posix()
-        record = files.read_json(Path(runs_root) / name / "run.json")
+        record = files.read_json(layout.run_dir(name, runs_root) / layout.RUN_RECORD)
         if record["status"] != "trained":
             continue
-        last = pd.read_csv(Path(runs_root) / name / "history.csv").iloc[-1]
+        last = pd.read_csv(layout.run_dir(name, runs_root) / layout.HISTORY).iloc[-1]
         loss = float(last["val_loss"])
         found.append(
             {
@@ -105,15 +105,15 @@ def build(record: dict, run_dir: Path, n_classes: int, weights_root: Path) -> ke
     """Images -> preprocessing -> backbone -> pooling -> head -> softmax, with the run's trained weights."""
     bb, head_cfg = backbones.get(record["backbone"]), record["params"]["head"]
     with precision.policy(record["precision"]):  # the precision it was trained and scored in
-        if record["method"] == "bottleneck":  # the features came from these very backbone weights
+        if record["method"] == layout.TRAIN_HEAD:  # the features came from these very backbone weights
             base = weights.load_backbone(bb, Path(weights_root) / bb.name, input_size=record["input_size"])
             head = train.head_for(base, n_classes, head_cfg, 0)
-            head.load_weights(run_dir / "head.weights.h5")
+            head.load_weights(run_dir / layout.HEAD_WEIGHTS)
             network = train.end_to_end(base, head, head_cfg["pooling"])
         else:
             base = bb.build(False, None, record["input_size"])
             network = train.end_to_end(base, train.head_for(base, n_classes, head_cfg, 0), head_cfg["pooling"])
-            network.load_weights(run_dir / "model.weights.h5")
+            network.load_weights(run_dir / layout.MODEL_WEIGHTS)
         inputs = keras.Input((None, None, 3), dtype="uint8", name="images")
         logits = network(preprocessing_layers(inputs, record["preprocessing"]))
         probabilities = keras.layers.Softmax(dtype="float32", name="probabilities")(logits)

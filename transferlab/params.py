@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from transferlab import backbones, precision
+from transferlab import backbones, layout, precision
 
 Check = Callable[[Any], Any]  # returns the (normalised) value or raises Invalid("must be ..., got ...")
 
@@ -159,7 +159,6 @@ OPTIMIZERS = ("adam", "sgd")
 POOLINGS = ("avg", "flatten")
 DROPOUT_POSITIONS = ("after_dense", "before_dense")
 AUGMENTATIONS = ("none", "train", "train_and_val")
-FINETUNE_METHODS = ("frozen_end_to_end", "finetune_top")
 
 # section -> key -> check. A key is required unless listed in OPTIONAL (value: its default).
 SCHEMA: dict[str, dict[str, Check]] = {
@@ -203,7 +202,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
     "finetune": {
         "backbones": list_of(backbone),
         "preprocessing": variant,
-        "methods": list_of(choice(*FINETUNE_METHODS)),
+        "methods": list_of(choice(*layout.FINETUNE_METHODS)),
         "cut_point": mapping(backbone, cut_point, keyed=True),
         "epochs": integer(1),
         "batch_size": integer(1),
@@ -223,6 +222,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "bootstrap": integer(1),
         "seed": integer(),
         "group_by": list_of(text, allow_str=True),
+        "batch_size": integer(1),  # images per batch when scoring the models trained on images
     },
     "compute": {
         "precision": choice(*precision.SETTINGS),  # auto: resolved per machine (transferlab.precision)

@@ -48,7 +48,7 @@ def collect(inputs: list[str]) -> tuple[list[str], dict[str, str]]:
     paths, errors = [], {}
     for item in inputs:
         if os.path.isdir(item):
-            found, hidden = data._walk(Path(item))
+            found, hidden = data.walk(Path(item))
             paths += [os.path.join(item, *rel.split("/")) for rel in found]
             errors.update({os.path.join(item, rel): reason for rel, reason in hidden})
         elif os.path.exists(item):

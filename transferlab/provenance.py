@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transferlab import backbones, data, files
+from transferlab import backbones, data, files, layout
 
 # the fields that must agree between training and scoring
 CHECKED = (
@@ -45,8 +45,8 @@ def describe(
     variant: str,
     input_size: int | None,
     precision: tuple[str, str],
-    weights_root="models/weights",
-    split_dir="data/split",
+    weights_root=layout.WEIGHTS,
+    split_dir=layout.SPLIT,
 ) -> dict:
     """``precision`` is (resolved precision, why), as transferlab.precision.resolve gives it."""
     bb = backbones.get(backbone)
@@ -63,7 +63,7 @@ def describe(
     }
 
 
-def check_current(record: dict, weights_root="models/weights", split_dir="data/split") -> None:
+def check_current(record: dict, weights_root=layout.WEIGHTS, split_dir=layout.SPLIT) -> None:
     """Today's inputs (weights, manifest, preprocessing) must be those a trained run recorded; it is
     scored or exported in the precision it was trained in, as with its input size and preprocessing."""
     current = describe(

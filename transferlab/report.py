@@ -22,11 +22,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from transferlab import layout
+
 UNAVAILABLE = "weights unavailable"
 NOT_PRETRAINED = "not pretrained"
 MISSING = "—"
 SORT_KEYS = ["backbone", "preprocessing", "method"]
-METHODS = ("bottleneck", "frozen_end_to_end", "finetune_top")  # pipeline order; others after them
 
 
 def weights_label(record: dict) -> str:
@@ -74,7 +75,7 @@ def table(runs: list[dict]) -> pd.DataFrame:
         "manifest_sha256",
     ]
     df = pd.DataFrame(rows, columns=columns)
-    pipeline_order = lambda col: col.map({m: i for i, m in enumerate(METHODS)}).fillna(len(METHODS))  # noqa: E731
+    pipeline_order = lambda col: col.map({m: i for i, m in enumerate(layout.METHODS)}).fillna(len(layout.METHODS))  # noqa: E731
     return df.sort_values(
         SORT_KEYS, key=lambda col: pipeline_order(col) if col.name == "method" else col, kind="stable"
     ).reset_index(drop=True)
@@ -252,7 +253,7 @@ def _text(value) -> str:
 
 
 def _parity(runs: list[dict]) -> list[str]:
-    """frozen_end_to_end is the bottleneck model trained on images: these figures say if it is."""
+    """frozen_end_to_end is train_head's model (bottleneck head) trained on images: these figures say if it is."""
     rows = [r["record"] for r in runs if r["record"].get("parity")]
     if not rows:
         return []
@@ -265,7 +266,7 @@ def _parity(runs: list[dict]) -> list[str]:
         for r in rows
     ]
     return [
-        "## Parity: bottleneck head vs frozen end-to-end",
+        "## Parity: train_head vs frozen_end_to_end",
         "",
         "Same head, seed, batch order and optimizer; on the validation split they should agree.",
         "",
