@@ -121,7 +121,7 @@ def make_tracking_store(root, epochs: int = 2) -> dict:
             "manifest_sha256": "d" * 64,
             "run_name": f"train_head/{backbone}-{variant}",
             "stage": "train_head",
-            "method": "bottleneck",
+            "method": "train_head",
             "status": "trained",
             "params": {"train": params["train"], "head": params["head"]},
         }

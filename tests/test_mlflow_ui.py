@@ -167,7 +167,7 @@ def test_filter_on_backbone_returns_its_runs(server, browser, shots):
     # the README's VGG16 vs ResNet50: both rows, ResNet50 without numbers
     search(
         browser,
-        "params.method = 'bottleneck' and params.preprocessing = 'native' and params.backbone != 'efficientnet_lite0'",
+        "params.method = 'train_head' and params.preprocessing = 'native' and params.backbone != 'efficientnet_lite0'",
     )
     page_text(
         browser,

@@ -127,7 +127,7 @@ def test_missing_sections_and_keys_are_named():
     ],
 )
 def test_every_stage_stops_on_bad_params_with_the_message(tmp_path, stage, args):
-    for name in ("stages", "transferlab"):  # stages/weights.py works relative to its own checkout
+    for name in ("stages", "transferlab"):
         shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(changed(train__epochs=0, finetune__learning_rate="1e-3x")))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"}

@@ -45,7 +45,7 @@ def test_identity_and_resolved_sections_are_params(store):
     params, tags = run.data.params, run.data.tags
     assert {k: params[k] for k in ("backbone", "method", "preprocessing", "input_size", "weights")} == {
         "backbone": "vgg16",
-        "method": "bottleneck",
+        "method": "train_head",
         "preprocessing": "native",
         "input_size": "32",
         "weights": "not pretrained",
@@ -55,7 +55,7 @@ def test_identity_and_resolved_sections_are_params(store):
     assert "extract.backbones" not in params and "extract.input_size.vgg16" not in params
     assert params["ablation.bn_training"] == "False" and params["ablation.augmentation"] == "none"
     assert params["train.epochs"] == "2" and params["head.units"] == "256"
-    assert tags["backbone"] == "vgg16" and tags["method"] == "bottleneck" and tags["preprocessing"] == "native"
+    assert tags["backbone"] == "vgg16" and tags["method"] == "train_head" and tags["preprocessing"] == "native"
     assert "dvc_experiment" not in tags  # no empty tag outside DVC experiments
 
 
@@ -103,7 +103,7 @@ def test_unavailable_backbone_has_a_finished_run_that_says_why(store):
     # the README's VGG16 vs ResNet50 filter (MLflow's search has neither OR nor IN for params)
     found = client.search_runs(
         [experiment],
-        "params.method = 'bottleneck' and params.preprocessing = 'native' and params.backbone != 'efficientnet_lite0'",
+        "params.method = 'train_head' and params.preprocessing = 'native' and params.backbone != 'efficientnet_lite0'",
     )
     assert sorted(r.info.run_name for r in found) == ["train_head/resnet50-native", "train_head/vgg16-native"]
 

@@ -69,8 +69,8 @@ def test_a_broken_weights_paths_file_stops_the_stage_with_one_line(tmp_path):
     repo = pipeline_repo(tmp_path / "repo", params, env)
     done = subprocess.run(["dvc", "repro", "weights@vgg16"], cwd=repo, env=env, capture_output=True, text=True)
     assert done.returncode != 0
-    (line,) = [x for x in done.stderr.splitlines() if x.startswith("error: weights.paths")]
-    assert line.startswith(f"error: weights.paths.vgg16: {notes} cannot be loaded as vgg16 notop weights: OSError")
+    (line,) = [x for x in done.stderr.splitlines() if x.startswith("weights: weights.paths")]
+    assert line.startswith(f"weights: weights.paths.vgg16: {notes} cannot be loaded as vgg16 notop weights: OSError")
     assert "Traceback" not in done.stdout + done.stderr
     assert not (repo / "models/weights/vgg16").exists() and not (tmp_path / "cache").exists()  # no fallback
 
