@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from transferlab import layout
+
 
 def paired(a: pd.DataFrame, b: pd.DataFrame, bootstrap: int = 2000, seed: int = 0) -> dict:
     """Accuracies of two prediction tables of the same test images and their paired difference b - a."""
@@ -41,14 +43,13 @@ def paired(a: pd.DataFrame, b: pd.DataFrame, bootstrap: int = 2000, seed: int = 
 
 def compare(dir_a: Path, dir_b: Path) -> pd.DataFrame:
     """One row per run scored in both directories."""
-    runs = sorted(str(p.parent.relative_to(dir_a)) for p in Path(dir_a).rglob("predictions.csv"))
+    runs = sorted(p.parent.relative_to(dir_a).as_posix() for p in Path(dir_a).rglob(layout.PREDICTIONS))
     rows = []
     for run in runs:
-        if not (Path(dir_b) / run / "predictions.csv").is_file():
+        a, b = (layout.eval_dir(run, d) / layout.PREDICTIONS for d in (dir_a, dir_b))
+        if not b.is_file():
             continue
-        stats = paired(
-            pd.read_csv(Path(dir_a) / run / "predictions.csv"), pd.read_csv(Path(dir_b) / run / "predictions.csv")
-        )
+        stats = paired(pd.read_csv(a), pd.read_csv(b))
         rows.append({"run": run, **stats})
     if not rows:
         raise ValueError(f"no run was scored in both {dir_a} and {dir_b}")

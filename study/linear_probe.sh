@@ -29,10 +29,11 @@ dvc exp run evaluate --temp --name "$name" -S data.source=folder -S "data.folder
 # the experiment's per-run metrics files (results/metrics/) and params, as `dvc exp show` holds them
 read -r -d '' summary <<'PY' || true
 import json, sys
+from transferlab import layout
 name = sys.argv[1]
 (rev,) = [rev for baseline in json.load(sys.stdin) for exp in baseline.get("experiments") or []
           for rev in exp.get("revs") or [] if rev.get("name") == name]
-prefix = "results/metrics/"
+prefix = layout.METRICS.as_posix() + "/"
 metrics = {path[len(prefix):-len(".json")]: content.get("data") or content
            for path, content in rev["data"]["metrics"].items() if path.startswith(prefix)}
 params = rev["data"]["params"]["params.yaml"]["data"]

@@ -29,6 +29,7 @@ import yaml
 from matplotlib.figure import Figure
 from scipy import stats
 
+from transferlab import layout
 from transferlab import metrics as tl_metrics
 from transferlab import report as tl_report
 from transferlab.tracking import flatten
@@ -38,8 +39,11 @@ ROOT = Path(__file__).resolve().parents[1]
 EXP_NAME = re.compile(r"^pitfall-(?P<setting>.+)-s(?P<seed>\d+)$")
 BN_NET = "efficientnet_lite0"  # the BatchNorm network with offline weights (VGG16 has no BatchNorm)
 SEED_KEY = "train.seed"
-RUN_METRICS = re.compile(r"results/metrics/(?P<run>[^/]+/[^/]+)\.json")  # written by evaluate, one per scored run
-RUN_OUTPUT = re.compile(r"runs/(?P<run>[^/]+/[^/]+)")  # a training stage's output folder, one per defined run
+RUN = r"(?P<run>[^/]+/[^/]+)"  # <method>/<pair>
+RUN_METRICS = re.compile(
+    rf"{re.escape(layout.METRICS.as_posix())}/{RUN}\.json"
+)  # written by evaluate, one per scored run
+RUN_OUTPUT = re.compile(rf"{re.escape(layout.RUNS.as_posix())}/{RUN}")  # a training stage's output folder, one per run
 
 
 # ---------------------------------------------------------------- statistics
@@ -348,18 +352,20 @@ FINETUNE = [
 
 def _ft_run(setting: str) -> tuple[str, str]:
     net = "vgg16" if setting.startswith("vgg16-") else BN_NET
-    return f"finetune_top/{net}-native", f"train_head/{net}-native"
+    return layout.run_name("finetune_top", net, "native"), layout.run_name(layout.TRAIN_HEAD, net, "native")
 
 
 def item_preprocessing(table: pd.DataFrame) -> list[dict]:
     rows = []
     for net, note in PREPROCESSING:
-        native, rescale = (by_seed(table, "correct", f"train_head/{net}-{v}") for v in ("native", "rescale"))
+        native, rescale = (
+            by_seed(table, "correct", layout.run_name(layout.TRAIN_HEAD, net, v)) for v in ("native", "rescale")
+        )
         rows.append(
             {
                 "backbone": net,
                 "note": note,
-                "unavailable": unavailable(table, f"train_head/{net}-native"),
+                "unavailable": unavailable(table, layout.run_name(layout.TRAIN_HEAD, net, "native")),
                 "native": t_interval(native.values()),
                 "rescale": t_interval(rescale.values()),
                 "effect": paired_effect(rescale, native),
@@ -370,7 +376,8 @@ def item_preprocessing(table: pd.DataFrame) -> list[dict]:
 
 def item_frozen(table: pd.DataFrame) -> tuple[list[dict], dict]:
     """Rows per setting, and the BatchNorm share of the batch-1 gap (bn-training-bs1 - bs1)."""
-    frozen_run, head_run = f"frozen_end_to_end/{BN_NET}-native", f"train_head/{BN_NET}-native"
+    frozen_run = layout.run_name("frozen_end_to_end", BN_NET, "native")
+    head_run = layout.run_name(layout.TRAIN_HEAD, BN_NET, "native")
 
     def gap(setting: str) -> dict:
         frozen, head = by_seed(table, setting, frozen_run), by_seed(table, setting, head_run)
@@ -482,9 +489,9 @@ def run_alignment(features_root: Path, seeds) -> list[dict]:
     from transferlab import params as checked
 
     params = checked.load(ROOT / "params.yaml")
-    manifest, classes = data.load_manifest(ROOT / "data/split"), data.load_classes(ROOT / "data/split")
+    manifest, classes = data.load_manifest(ROOT / layout.SPLIT), data.load_classes(ROOT / layout.SPLIT)
     results = []
-    for meta_path in sorted(features_root.glob("*-native/meta.json")):
+    for meta_path in sorted(features_root.glob(f"{layout.pair('*', 'native')}/{layout.FEATURES_META}")):
         meta = files.read_json(meta_path)
         if meta.get("status") == "unavailable":
             continue
@@ -884,7 +891,7 @@ def main(argv=None) -> None:
     parser.add_argument("--all-commits", action="store_true", help="also experiments based on other commits")
     parser.add_argument("--no-experiments", action="store_true", help="item 4 only (no dvc needed)")
     parser.add_argument("--seeds", default="0,1,2", help="seeds of the label-alignment heads (item 4)")
-    parser.add_argument("--features", default=str(ROOT / "features"))
+    parser.add_argument("--features", default=str(ROOT / layout.FEATURES))
     parser.add_argument("--out", default=str(ROOT / "reports/pitfalls.md"))
     parser.add_argument("--plot", default=str(ROOT / "reports/pitfalls.png"))
     args = parser.parse_args(argv)

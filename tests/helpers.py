@@ -81,7 +81,7 @@ def make_tracking_store(root, epochs: int = 2) -> dict:
     goes to ``$MLFLOW_TRACKING_URI``. Run inside ``root`` (the group comes from the cwd)."""
     import pandas as pd
 
-    from transferlab import backbones, files, metrics, report, tracking, train
+    from transferlab import backbones, files, layout, metrics, report, tracking, train
     from transferlab.params import load as load_params
 
     root = Path(root)
@@ -119,13 +119,13 @@ def make_tracking_store(root, epochs: int = 2) -> dict:
             "preprocessing_fingerprint": backbones.fingerprint(pre),
             "weights": weights,
             "manifest_sha256": "d" * 64,
-            "run_name": f"train_head/{backbone}-{variant}",
+            "run_name": layout.run_name(layout.TRAIN_HEAD, backbone, variant),
             "stage": "train_head",
             "method": "train_head",
             "status": "trained",
             "params": {"train": params["train"], "head": params["head"]},
         }
-        out, live = root / "runs" / record["run_name"], root / "results" / record["run_name"]
+        out, live = root / layout.run_dir(record["run_name"]), root / layout.live_dir(record["run_name"])
         out.mkdir(parents=True)
         run = {"record": record, "metrics": None, "history": None}
         if not available:
@@ -140,16 +140,16 @@ def make_tracking_store(root, epochs: int = 2) -> dict:
                 tracking.finish(out, record, history)
             pred = head.predict(x, verbose=0).argmax(1)
             run.update(
-                history=pd.read_csv(out / "history.csv"),
+                history=pd.read_csv(out / layout.HISTORY),
                 metrics=metrics.compute(y, pred, classes, {"cell_type": np.where(y % 2, "mono", "poly")}, 50),
             )
-            (root / "results/eval" / record["run_name"]).mkdir(parents=True)
-            files.write_json(root / "results/eval" / record["run_name"] / "metrics.json", run["metrics"])
+            (root / layout.eval_dir(record["run_name"])).mkdir(parents=True)
+            files.write_json(root / layout.eval_dir(record["run_name"]) / layout.EVAL_METRICS, run["metrics"])
         runs.append(run)
     evaluated_at = time.time() * 1000
     urls = tracking.link_runs(runs)
-    report.write(runs, root / "reports", urls)
-    tracking.log_evaluation(runs, root / "reports", root / "results/eval")
+    report.write(runs, root / layout.REPORTS, urls)
+    tracking.log_evaluation(runs, root / layout.REPORTS, root / layout.EVAL)
     return {"runs": runs, "urls": urls, "evaluated_at": evaluated_at}
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from helpers import ROOT
 
-from transferlab import features, files
+from transferlab import features, files, layout
 
 spec = importlib.util.spec_from_file_location("pitfalls_report", ROOT / "study" / "pitfalls_report.py")
 pr = importlib.util.module_from_spec(spec)
@@ -83,14 +83,14 @@ def merge(*dicts):
 def rev(name, timestamp, params, test, live=None, error=None, unavailable=()):
     """An experiment as `dvc exp show --json` gives it: evaluate's file per scored run, an output folder per run."""
     metrics = {
-        f"results/metrics/{run}.json": {"data": {**values, "val_accuracy": (live or {}).get(run)}}
+        layout.metrics_file(run).as_posix(): {"data": {**values, "val_accuracy": (live or {}).get(run)}}
         for run, values in test.items()
     }
-    metrics["results/metrics/missing/run.json"] = {
+    metrics[layout.metrics_file("missing/run").as_posix()] = {
         "error": {"type": "FileNotFoundError", "msg": "No storage files available"}
     }
-    outs = {f"runs/{run}": {"hash": "0" * 32, "use_cache": True} for run in [*test, *unavailable]}
-    outs["results/eval"] = {"hash": "0" * 32, "use_cache": True}
+    outs = {layout.run_dir(run).as_posix(): {"hash": "0" * 32, "use_cache": True} for run in [*test, *unavailable]}
+    outs[layout.EVAL.as_posix()] = {"hash": "0" * 32, "use_cache": True}
     data = {
         "rev": "f" * 40,
         "timestamp": timestamp,
