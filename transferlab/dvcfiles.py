@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from transferlab import files
+from transferlab import files, layout
 
 # Test metrics, the share of the largest test class (the floor any model must beat) and the
 # last-epoch validation accuracy the run was chosen on; rounded, so `dvc metrics diff` reads easily.
@@ -87,8 +87,9 @@ def write(runs: list[dict], metrics_dir: Path, plots_dir: Path) -> None:
     with files.atomic_dir(metrics_dir) as metrics_out, files.atomic_dir(plots_dir / "confusion") as confusion_out:
         for run in scored:
             name = run["record"]["run_name"]
-            for path in (metrics_out / f"{name}.json", confusion_out / f"{name}.csv"):
+            metrics_file, confusion_file = layout.metrics_file(name, metrics_out), confusion_out / f"{name}.csv"
+            for path in (metrics_file, confusion_file):
                 path.parent.mkdir(parents=True, exist_ok=True)
-            files.write_json(metrics_out / f"{name}.json", run_metrics(run["record"], run["metrics"]))
-            confusion_pairs(run["metrics"]).to_csv(confusion_out / f"{name}.csv", index=False)
+            files.write_json(metrics_file, run_metrics(run["record"], run["metrics"]))
+            confusion_pairs(run["metrics"]).to_csv(confusion_file, index=False)
     curves(runs).to_csv(plots_dir / "curves.csv", index=False, float_format="%.6g")

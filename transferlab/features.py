@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from transferlab import backbones, files, precision
+from transferlab import backbones, files, layout, precision
 from transferlab.images import open_rgb, resize
 from transferlab.provenance import ProvenanceMismatch
 
@@ -126,7 +126,7 @@ def array_hashes(split_dir: Path) -> dict:
 def load_split(features_dir: Path, split: str, output: str = "pooled", mmap: bool = False):
     """(ids, labels, features) for one split, aligned row for row, after checking their recorded sha256."""
     d = Path(features_dir) / split
-    meta_path = Path(features_dir) / "meta.json"
+    meta_path = Path(features_dir) / layout.FEATURES_META
     recorded = files.read_json(meta_path).get("splits", {}).get(split, {}).get("sha256", {})
     for name in (IDS, "labels.npy", f"{output}.npy"):
         if name not in recorded:

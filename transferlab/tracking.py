@@ -29,7 +29,7 @@ import mlflow
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
-from transferlab import files
+from transferlab import files, layout
 
 EXPERIMENT = "transferlab"
 UI_URL = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store (README)
@@ -243,9 +243,9 @@ def live_callback(directory: Path):
 
 def finish(out_dir: Path, record: dict, history) -> None:
     """Write the run's record and curves beside its weights, and attach them to the MLflow run."""
-    history.to_csv(out_dir / "history.csv", index=False)
+    history.to_csv(out_dir / layout.HISTORY, index=False)
     files.write_json(out_dir / "preprocessing.json", record["preprocessing"])
-    files.write_json(out_dir / "run.json", record)
+    files.write_json(out_dir / layout.RUN_RECORD, record)
     mlflow.log_metric("train_seconds", record["train_seconds"])
     mlflow.log_artifacts(str(out_dir))
 
@@ -258,7 +258,7 @@ def skip_unavailable(out_dir: Path, live_dir: Path, record: dict, params: dict) 
     with run(record, params) as active:
         mlflow.set_tag("mlflow.note.content", f"**Weights unavailable**: not trained, no metrics. {message}")
         record["mlflow_run_id"] = active.info.run_id
-    files.write_json(out_dir / "run.json", record)
+    files.write_json(out_dir / layout.RUN_RECORD, record)
     (live_dir / "plots").mkdir(parents=True, exist_ok=True)  # declared in dvc.yaml: exists, empty
     files.write_json(live_dir / "metrics.json", {"weights_unavailable": 1})
     print(f"{record['run_name']}: skipped, weights unavailable. {message}")
