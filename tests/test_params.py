@@ -27,6 +27,12 @@ def test_the_repository_params_are_valid_and_unchanged_by_checking():
     assert params.load(ROOT / "params.yaml") == DEFAULTS
 
 
+def test_evaluate_batch_size_is_a_param_of_32_images_by_default():
+    assert DEFAULTS["evaluate"]["batch_size"] == 32  # what evaluate hard-coded before: same results
+    with pytest.raises(params.ParamsError, match="evaluate.batch_size: must be an integer >= 1, got 0"):
+        params.validate(changed(evaluate__batch_size=0))
+
+
 def test_every_bad_key_is_listed_in_one_message():
     bad = changed(
         train__epochs=0,
