@@ -29,24 +29,24 @@ from transferlab import (
 from transferlab.params import load_for_stage
 
 
-def test_logits(record: dict, run_dir: Path, manifest: pd.DataFrame, n_classes: int):
+def test_logits(record: provenance.RunRecord, run_dir: Path, manifest: pd.DataFrame, n_classes: int):
     """(ids, labels, logits) on the test split, after checking the inputs match the training record."""
-    pair = f"{record['backbone']}-{record['preprocessing']['variant']}"
-    head_cfg = record["params"]["head"]
-    if record["method"] == "bottleneck":
-        meta = provenance.load(Path("features") / pair / "meta.json")
-        provenance.check_same(record, meta, record["run_name"])
+    pair = f"{record.backbone}-{record.variant}"
+    head_cfg = record.params["head"]
+    if record.method == "train_head":
+        meta = provenance.load(Path("features") / pair / "meta.json", provenance.FeaturesRecord)
+        provenance.check_same(record, meta, record.run_name)
         ids, labels, x = features.load_split(Path("features") / pair, "test", train.feature_output(head_cfg["pooling"]))
-        with precision.policy(record.get("precision")):
+        with precision.policy(record.precision):
             head = train.load_head(run_dir / "head.weights.h5", x.shape[1:], n_classes, head_cfg)
         return ids, labels, head.predict(x, verbose=0)
     provenance.check_current(record)
-    with precision.policy(record.get("precision")):
-        base = backbones.get(record["backbone"]).build(False, None, record["input_size"])
+    with precision.policy(record.precision):
+        base = backbones.get(record.backbone).build(False, None, record.input_size)
         model = train.end_to_end(base, train.head_for(base, n_classes, head_cfg, 0), head_cfg["pooling"])
     model.load_weights(run_dir / "model.weights.h5")
     rows = manifest[manifest["split"] == "test"]
-    ds = features.image_dataset(data.resolve_paths(rows), rows["class_index"].tolist(), record["preprocessing"], 32)
+    ds = features.image_dataset(data.resolve_paths(rows), rows["class_index"].tolist(), record.preprocessing, 32)
     return rows["id"].tolist(), rows["class_index"].to_numpy(), train.predict_logits(model, ds)
 
 
@@ -69,12 +69,12 @@ def main() -> None:
     by_id = manifest.set_index("id")
     runs, scored = [], []
     for run_dir in run_dirs(all_params):  # check and score everything first: a refusal logs nothing
-        record = provenance.load(run_dir / "run.json")
+        record = provenance.load(run_dir / "run.json", provenance.RunRecord)
         run = {"record": record, "metrics": None, "history": None}
-        if record["status"] == "trained":
+        if record.status == "trained":
             ids, labels, logits = test_logits(record, run_dir, manifest, len(classes))
             if list(by_id.loc[ids, "class_index"]) != list(labels):
-                raise SystemExit(f"{record['run_name']}: test labels are not aligned with the manifest")
+                raise SystemExit(f"{record.run_name}: test labels are not aligned with the manifest")
             scored.append((run, run_dir, ids, labels, logits))
         runs.append(run)
     for run, run_dir, ids, labels, logits in scored:
@@ -82,14 +82,14 @@ def main() -> None:
         groups = {c: by_id.loc[ids, c].to_numpy() for c in params["group_by"] if c in by_id}
         run["metrics"] = metrics.compute(labels, pred, classes, groups, params["bootstrap"], params["seed"])
         run["history"] = pd.read_csv(run_dir / "history.csv")
-        out = Path("results/eval") / record["run_name"]
+        out = Path("results/eval") / record.run_name
         out.mkdir(parents=True, exist_ok=True)
         pd.DataFrame(
             {"id": ids, "label": labels, "pred": pred, **{f"logit_{c}": logits[:, i] for i, c in enumerate(classes)}}
         ).to_csv(out / "predictions.csv", index=False)
         files.write_json(out / "metrics.json", run["metrics"])
         print(
-            f"{record['run_name']}: test accuracy {run['metrics']['accuracy']:.3f} "
+            f"{record.run_name}: test accuracy {run['metrics']['accuracy']:.3f} "
             f"[{run['metrics']['accuracy_ci95'][0]:.3f}, {run['metrics']['accuracy_ci95'][1]:.3f}]"
         )
     urls = tracking.link_runs(runs)

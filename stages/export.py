@@ -20,7 +20,7 @@ def main() -> None:
     try:
         found = export.candidates(Path("runs"), Path("results/eval"))
         chosen = export.choose(found, cfg["run"])
-        record = provenance.load(Path("runs") / chosen["run_name"] / "run.json")
+        record = provenance.load(Path("runs") / chosen["run_name"] / "run.json", provenance.RunRecord)
         provenance.check_current(record, weights_root, split_dir)
         classes = data.load_classes(split_dir)
         model = export.build(record, Path("runs") / chosen["run_name"], len(classes), weights_root)
@@ -29,7 +29,7 @@ def main() -> None:
             Path("results/eval") / chosen["run_name"] / "predictions.csv",
             split_dir,
             classes,
-            record.get("precision"),
+            record.precision,
         )
     except (export.ExportError, provenance.ProvenanceMismatch) as error:
         raise SystemExit(f"export: {error}") from None
@@ -51,7 +51,7 @@ def main() -> None:
         )
         files.write_json(out / "model.json", {**meta, "mlflow": registry})
     print(
-        f"export: {record['run_name']} (validation accuracy {chosen['val_accuracy']:.3f}) -> models/export/, "
+        f"export: {record.run_name} (validation accuracy {chosen['val_accuracy']:.3f}) -> models/export/, "
         f"{registry['uri']} = version {registry['version']}"
         + (" (existing version reused)" if registry["reused_existing_version"] else "")
         + f"; same classes as evaluate on all {equivalence['images']} test images, max |Δ probability| "

@@ -8,6 +8,7 @@ finetune_top: unfreezes the base above its cut point, starting from train_head's
 Writes runs/METHOD/PAIR/ (model weights, history, run.json) and DVCLive files in results/METHOD/PAIR/.
 """
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -38,13 +39,14 @@ def main(method: str, name: str) -> None:
     ft, ablation, head_params = params["finetune"], params["ablation"], params["head"]
     cfg = params["train"] if method == "frozen_end_to_end" else ft
     seed, pair, bb = params["train"]["seed"], f"{name}-{ft['preprocessing']}", backbones.get(name)
-    meta = provenance.load(Path("features") / pair / "meta.json")
+    meta = provenance.load(Path("features") / pair / "meta.json", provenance.FeaturesRecord)
     head_cfg = {**head_params, "dropout_position": ablation["dropout_position"] or head_params["dropout_position"]}
     batch_size = ablation["batch_size"] or cfg["batch_size"]
-    input_size = ablation["input_size"] or meta["input_size"]
+    input_size = ablation["input_size"] or meta.input_size
     boundary = backbones.cut_boundary(bb, ft["cut_point"].get(name, "")) if method == "finetune_top" else None
-    record = provenance.describe(name, ft["preprocessing"], input_size, precision.from_params(params))
-    record.update(
+    source = provenance.describe(name, ft["preprocessing"], input_size, precision.from_params(params))
+    record = provenance.RunRecord.of(
+        source,
         run_name=f"{method}/{pair}",
         stage="finetune",
         method=method,
@@ -54,31 +56,31 @@ def main(method: str, name: str) -> None:
             "head": head_cfg,
             "ablation": ablation,
             "cut_boundary": boundary,
-            "compute": {"precision": record["precision"]},
+            "compute": {"precision": source.precision},
         },
     )
     with (
         files.atomic_dir(Path("runs") / method / pair) as out,
         files.atomic_dir(Path("results") / method / pair) as live_dir,
     ):
-        if meta["status"] == "unavailable":
+        if meta.status == "unavailable":
             tracking.skip_unavailable(out, live_dir, record, params)
             return
         # train_head's head and the cut activations come from these features: same precision, or refuse
-        provenance.require_precision(meta.get("precision"), record["precision"], f"features/{pair}")
+        provenance.require_precision(meta.precision, record.precision, f"features/{pair}")
         manifest = data.load_manifest()
         manifest["abspath"] = data.resolve_paths(manifest)
         splits = {s: manifest[manifest["split"] == s] for s in ("train", "val")}
         n_classes = len(data.load_classes())
         augment = ablation["augmentation"]
-        cached = method == "finetune_top" and augment == "none" and input_size == meta["input_size"]
+        cached = method == "finetune_top" and augment == "none" and input_size == meta.input_size
 
         def images(split: str, shuffle: bool, augmented: bool):
             rows = splits[split]
             return features.image_dataset(
                 rows["abspath"].tolist(),
                 rows["class_index"].tolist(),
-                record["preprocessing"],
+                record.preprocessing,
                 batch_size,
                 seed if shuffle else None,
                 seed + (split == "val") if augmented else None,
@@ -86,7 +88,7 @@ def main(method: str, name: str) -> None:
 
         with tracking.run(record, params) as active:
             train.seed_everything(seed)
-            with train.strategy().scope(), precision.policy(record["precision"]):
+            with train.strategy().scope(), precision.policy(record.precision):
                 base = weights.load_backbone(bb, Path("models/weights") / name, input_size=input_size)
                 train.configure_base(base, boundary, ablation["bn_training"])
                 head = train.head_for(base, n_classes, head_cfg, seed)
@@ -106,15 +108,16 @@ def main(method: str, name: str) -> None:
                 data_sets = [images("train", True, augment != "none"), images("val", False, augment == "train_and_val")]
             history, seconds = train.fit(model, *data_sets, cfg["epochs"], tracking.callbacks(live_dir))
             full.save_weights(out / "model.weights.h5")
-            record.update(
+            record = dataclasses.replace(
+                record,
                 train_seconds=round(seconds, 2),
                 mlflow_run_id=active.info.run_id,
                 cached_path=cached,
                 val_accuracy=float(history["val_accuracy"].iloc[-1]),
             )
             if method == "frozen_end_to_end":
-                with precision.policy(record["precision"]):  # both paths compute the base in this precision
-                    record["parity"] = parity(
+                with precision.policy(record.precision):  # both paths compute the base in this precision
+                    agreement = parity(
                         full,
                         params["head"],
                         n_classes,
@@ -123,8 +126,9 @@ def main(method: str, name: str) -> None:
                         head_cfg["pooling"],
                         batch_size,
                     )
-                mlflow.log_metrics(record["parity"])
-                print("parity with train_head:", record["parity"])
+                record = dataclasses.replace(record, parity=provenance.Parity(**agreement))
+                mlflow.log_metrics(agreement)
+                print("parity with train_head:", agreement)
             tracking.finish(out, record, history)
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import run_record, weights_identity
 
-from transferlab import metrics, report
+from transferlab import metrics, provenance, report
 
 # 9 examples, 4 classes. Class "unsure" is never predicted; class "ghost" has neither
 # support nor predictions, so both zero-division conventions are exercised.
@@ -134,50 +136,48 @@ VGG_RESCALE = {
     "std": [255.0, 255.0, 255.0],
     "keras_function": None,
 }
-IMAGENET = {
-    "status": "available",
-    "pretrained": True,
-    "label": "ImageNet (Keras)",
-    "source": "keras",
-    "file_sha256": "f" * 64,
-    "array_checksum": "c" * 32,
-}
-RANDOM = {
-    "status": "random",
-    "pretrained": False,
-    "label": "not pretrained",
-    "source": "random",
-    "file_sha256": "9" * 64,
-    "array_checksum": "e" * 32,
-}
-UNAVAILABLE = {
-    "status": "unavailable",
-    "pretrained": False,
-    "label": "weights unavailable",
-    "source": "none",
-    "message": "resnet50: no ImageNet weights;\nput the Keras file in ~/.keras/models/",
-}
+IMAGENET = weights_identity(
+    status="available",
+    pretrained=True,
+    label="ImageNet (Keras)",
+    source="keras",
+    file_sha256="f" * 64,
+    array_checksum="c" * 32,
+)
+RANDOM = weights_identity(
+    status="random",
+    pretrained=False,
+    label="not pretrained",
+    source="random",
+    file_sha256="9" * 64,
+    array_checksum="e" * 32,
+)
+UNAVAILABLE = weights_identity(
+    backbone="resnet50",
+    status="unavailable",
+    pretrained=False,
+    label="weights unavailable",
+    source="none",
+    file_sha256=None,
+    array_checksum=None,
+    message="resnet50: no ImageNet weights;\nput the Keras file in ~/.keras/models/",
+)
 
 
 def _run(name, pre, fingerprint, weights, p_correct, seed):
     """A run of 120 binary predictions, each right with probability p_correct."""
-    method, pair = name.split("/")
-    record = {
-        "run_name": name,
-        "stage": "train_head",
-        "method": method,
-        "backbone": pair.split("-")[0],
-        "preprocessing": pre,
-        "preprocessing_fingerprint": fingerprint,
-        "weights": weights,
-        "manifest_sha256": "d" * 64,
-        "input_size": 128,
-        "train_seconds": 41.2,
-        "mlflow_run_id": f"mlflow{seed}",
-        "status": "trained",
-    }
-    if weights["status"] == "unavailable":
-        return {"record": {**record, "status": "unavailable"}, "metrics": None, "history": None}
+    record = run_record(
+        name,
+        input_size=128,
+        weights=weights,
+        stage="train_head",
+        preprocessing=pre,
+        preprocessing_fingerprint=fingerprint,
+        train_seconds=41.2,
+        mlflow_run_id=f"mlflow{seed}",
+    )
+    if weights.status == "unavailable":
+        return {"record": dataclasses.replace(record, status="unavailable"), "metrics": None, "history": None}
     rng = np.random.default_rng(seed)
     y_true = rng.integers(0, 2, 120)
     y_pred = np.where(rng.random(120) < p_correct, y_true, 1 - y_true)
@@ -201,20 +201,20 @@ def sample_runs():
     return [
         _run("finetune_top/vgg16-native", VGG_NATIVE, "aaaa000011112222", RANDOM, 0.55, 3),
         _run("frozen_end_to_end/vgg16-native", VGG_NATIVE, "aaaa000011112222", IMAGENET, 0.8, 5),
-        _run("bottleneck/vgg16-rescale", VGG_RESCALE, "bbbb333344445555", IMAGENET, 0.65, 2),
-        _run("bottleneck/resnet50-native", VGG_NATIVE, "cccc666677778888", UNAVAILABLE, 0, 4),
-        _run("bottleneck/vgg16-native", VGG_NATIVE, "aaaa000011112222", IMAGENET, 0.85, 1),
+        _run("train_head/vgg16-rescale", VGG_RESCALE, "bbbb333344445555", IMAGENET, 0.65, 2),
+        _run("train_head/resnet50-native", VGG_NATIVE, "cccc666677778888", UNAVAILABLE, 0, 4),
+        _run("train_head/vgg16-native", VGG_NATIVE, "aaaa000011112222", IMAGENET, 0.85, 1),
     ]
 
 
 def test_table_one_row_per_run_sorted_with_unavailable_and_not_pretrained():
     df = report.table(sample_runs())
     assert list(df["run_name"]) == [  # backbone, preprocessing, then the methods in pipeline order
-        "bottleneck/resnet50-native",
-        "bottleneck/vgg16-native",
+        "train_head/resnet50-native",
+        "train_head/vgg16-native",
         "frozen_end_to_end/vgg16-native",
         "finetune_top/vgg16-native",
-        "bottleneck/vgg16-rescale",
+        "train_head/vgg16-rescale",
     ]
     unavailable = df.iloc[0]
     assert unavailable["weights"] == "weights unavailable"
@@ -244,9 +244,10 @@ def test_write_outputs(tmp_path):
     import matplotlib.pyplot as plt
 
     runs = sample_runs()
-    runs[0]["record"]["parity"] = {"parity_max_abs_logit_diff": 7.6e-6, "parity_val_accuracy_diff": 0.0}
+    agreement = provenance.Parity(parity_max_abs_logit_diff=7.6e-6, parity_val_accuracy_diff=0.0)
+    runs[0]["record"] = dataclasses.replace(runs[0]["record"], parity=agreement)
     for run in runs:
-        run["mlflow_url"] = f"http://127.0.0.1:5000/#/experiments/1/runs/{run['record']['mlflow_run_id']}"
+        run["mlflow_url"] = f"http://127.0.0.1:5000/#/experiments/1/runs/{run['record'].mlflow_run_id}"
     urls = {
         "group": "http://127.0.0.1:5000/#/experiments/1/runs/g",
         "runs": "http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning",
@@ -255,7 +256,7 @@ def test_write_outputs(tmp_path):
 
     csv = pd.read_csv(tmp_path / "results.csv")
     assert len(csv) == 5
-    row = csv[csv["run_name"] == "bottleneck/resnet50-native"].iloc[0]
+    row = csv[csv["run_name"] == "train_head/resnet50-native"].iloc[0]
     assert row["weights"] == "weights unavailable" and pd.isna(row["accuracy"])
 
     md = (tmp_path / "results.md").read_text()
@@ -272,11 +273,11 @@ def test_write_outputs(tmp_path):
     assert f"[this run group]({urls['group']})" in md and f"[all training runs]({urls['runs']})" in md
     assert "[test accuracy](plots/comparison.png)" in md and "[learning curves](plots/learning_curves.png)" in md
     assert unavailable_row.endswith(" | [MLflow](http://127.0.0.1:5000/#/experiments/1/runs/mlflow4) |")
-    head_row = next(r for r in table_rows if r.startswith("| `bottleneck/vgg16-native`"))
+    head_row = next(r for r in table_rows if r.startswith("| `train_head/vgg16-native`"))
     assert head_row.endswith(
         " | [MLflow](http://127.0.0.1:5000/#/experiments/1/runs/mlflow1), "
-        "[learning curves](plots/curves_bottleneck_vgg16-native.png), "
-        "[confusion matrix](plots/confusion_bottleneck_vgg16-native.png) |"
+        "[learning curves](plots/curves_train_head_vgg16-native.png), "
+        "[confusion matrix](plots/confusion_train_head_vgg16-native.png) |"
     )
 
     parity = md.split("## Parity", 1)[1].split("## Audit", 1)[0]
@@ -303,8 +304,8 @@ def test_write_outputs(tmp_path):
     plots = tmp_path / "plots"
     pngs = {p.name for p in plots.glob("*.png")}
     trained = [
-        "bottleneck_vgg16-native",
-        "bottleneck_vgg16-rescale",
+        "train_head_vgg16-native",
+        "train_head_vgg16-rescale",
         "finetune_top_vgg16-native",
         "frozen_end_to_end_vgg16-native",
     ]

@@ -167,7 +167,7 @@ def test_filter_on_backbone_returns_its_runs(server, browser, shots):
     # the README's VGG16 vs ResNet50: both rows, ResNet50 without numbers
     search(
         browser,
-        "params.method = 'bottleneck' and params.preprocessing = 'native' and params.backbone != 'efficientnet_lite0'",
+        "params.method = 'train_head' and params.preprocessing = 'native' and params.backbone != 'efficientnet_lite0'",
     )
     page_text(
         browser,
@@ -180,7 +180,7 @@ def test_filter_on_backbone_returns_its_runs(server, browser, shots):
 
 
 def test_unavailable_run_says_why(server, browser, shots):
-    resnet = next(r for r in server["runs"] if r["record"]["backbone"] == "resnet50")
+    resnet = next(r for r in server["runs"] if r["record"].backbone == "resnet50")
     browser.get(tracking.run_url(server["experiment"], resnet["mlflow_run_id"]))
     page_text(
         browser,
