@@ -97,6 +97,9 @@ def test_missing_and_unknown_fields_are_named(tmp_path):
         provenance.load(path, RunRecord)
     assert "(missing manifest_sha256; unknown extra; missing weights.array_checksum)" in str(error.value)
     assert str(error.value).startswith(f"{path}: not a run record of schema 1")
+    path = _stored(tmp_path, trained_record(), lambda r: r.update(weights=None))
+    with pytest.raises(ProvenanceMismatch, match=r"\(weights is not an object\)"):
+        provenance.load(path, RunRecord)
     with pytest.raises(ProvenanceMismatch, match="not a features record"):  # a run.json is no meta.json
         provenance.load(_stored(tmp_path, trained_record(), lambda r: None), FeaturesRecord)
 

@@ -121,7 +121,7 @@ class RunRecord(Provenance):
 
 Record = TypeVar("Record", FeaturesRecord, RunRecord)
 _NESTED = {"weights": Weights, "parity": Parity}  # record fields holding a record of their own
-_KIND = {FeaturesRecord: "features record", RunRecord: "run record"}
+_KINDS = {FeaturesRecord: ("features record", FEATURES_SCHEMA), RunRecord: ("run record", RUN_SCHEMA)}
 
 
 def write(record: FeaturesRecord | RunRecord, path) -> None:
@@ -132,22 +132,19 @@ def load(path, kind: type[Record]) -> Record:
     """A stored record, refused (ProvenanceMismatch, naming the file) if it is of another schema or
     its preprocessing fingerprint does not match its preprocessing record."""
     stored = files.read_json(path)
-    current = kind.__dataclass_fields__["schema_version"].default
+    what, current = _KINDS[kind]
     found = stored.get("schema_version")  # an old record has none
     if found != current:
-        written = (
-            "has no schema_version (written before records were versioned)"
-            if found is None
-            else (f"is of schema {found}")
-        )
+        written = "has no schema_version (written before records were versioned)"
+        written = written if found is None else f"is of schema {found}"
         raise ProvenanceMismatch(
-            f"{path}: this {_KIND[kind]} {written}; this version of transferlab reads schema {current}. "
+            f"{path}: this {what} {written}; this version of transferlab reads schema {current}. "
             "Re-run `dvc repro` to rebuild it."
         )
     problems = _problems(kind, stored)
     if problems:
         raise ProvenanceMismatch(
-            f"{path}: not a {_KIND[kind]} of schema {current} ({'; '.join(problems)}); "
+            f"{path}: not a {what} of schema {current} ({'; '.join(problems)}); "
             "the record was edited or damaged. Re-run `dvc repro` to rebuild it."
         )
     recomputed = backbones.fingerprint(stored["preprocessing"])
@@ -166,8 +163,12 @@ def _problems(kind: type, stored: dict, prefix: str = "") -> list[str]:
     problems = [f"missing {prefix}{k}" for k in sorted(names - stored.keys())]
     problems += [f"unknown {prefix}{k}" for k in sorted(stored.keys() - names)]
     for name, nested in _NESTED.items():
-        if name in names and isinstance(stored.get(name), dict):
+        if name not in names or name not in stored:
+            continue
+        if isinstance(stored[name], dict):
             problems += _problems(nested, stored[name], f"{prefix}{name}.")
+        elif stored[name] is not None or kind.__dataclass_fields__[name].default is not None:  # None: optional
+            problems.append(f"{prefix}{name} is not an object")
     return problems
 
 
