@@ -28,25 +28,25 @@ from transferlab import (
 )
 
 
-def test_logits(record: dict, run_dir, manifest: pd.DataFrame, n_classes: int, batch_size: int):
+def test_logits(record: provenance.RunRecord, run_dir, manifest: pd.DataFrame, n_classes: int, batch_size: int):
     """(ids, labels, logits) on the test split, after checking the inputs match the training record."""
-    head_cfg = record["params"]["head"]
-    if record["method"] == layout.TRAIN_HEAD:
-        features_dir = layout.features_dir(record["backbone"], record["preprocessing"]["variant"])
-        meta = provenance.load(features_dir / layout.FEATURES_META)
-        provenance.check_same(record, meta, record["run_name"])
+    head_cfg = record.params["head"]
+    if record.method == layout.TRAIN_HEAD:
+        features_dir = layout.features_dir(record.backbone, record.variant)
+        meta = provenance.load(features_dir / layout.FEATURES_META, provenance.FeaturesRecord)
+        provenance.check_same(record, meta, record.run_name)
         ids, labels, x = features.load_split(features_dir, "test", train.feature_output(head_cfg["pooling"]))
-        with precision.policy(record.get("precision")):
+        with precision.policy(record.precision):
             head = train.load_head(run_dir / layout.HEAD_WEIGHTS, x.shape[1:], n_classes, head_cfg)
         return ids, labels, head.predict(x, verbose=0)
     provenance.check_current(record)
-    with precision.policy(record.get("precision")):
-        base = backbones.get(record["backbone"]).build(False, None, record["input_size"])
+    with precision.policy(record.precision):
+        base = backbones.get(record.backbone).build(False, None, record.input_size)
         model = train.end_to_end(base, train.head_for(base, n_classes, head_cfg, 0), head_cfg["pooling"])
     model.load_weights(run_dir / layout.MODEL_WEIGHTS)
     rows = manifest[manifest["split"] == "test"]
     ds = features.image_dataset(
-        data.resolve_paths(rows), rows["class_index"].tolist(), record["preprocessing"], batch_size
+        data.resolve_paths(rows), rows["class_index"].tolist(), record.preprocessing, batch_size
     )
     return rows["id"].tolist(), rows["class_index"].to_numpy(), train.predict_logits(model, ds)
 
@@ -61,12 +61,12 @@ def main(all_params: dict) -> None:
     # define are scored: leftovers of other settings under runs/ are not.
     for name in layout.planned_runs(all_params):
         run_dir = layout.run_dir(name)
-        record = provenance.load(run_dir / layout.RUN_RECORD)
+        record = provenance.load(run_dir / layout.RUN_RECORD, provenance.RunRecord)
         run = {"record": record, "metrics": None, "history": None}
-        if record["status"] == "trained":
+        if record.status == "trained":
             ids, labels, logits = test_logits(record, run_dir, manifest, len(classes), params["batch_size"])
             if list(by_id.loc[ids, "class_index"]) != list(labels):
-                raise SystemExit(f"{record['run_name']}: test labels are not aligned with the manifest")
+                raise SystemExit(f"{record.run_name}: test labels are not aligned with the manifest")
             scored.append((run, run_dir, ids, labels, logits))
         runs.append(run)
     for run, run_dir, ids, labels, logits in scored:
@@ -74,14 +74,14 @@ def main(all_params: dict) -> None:
         groups = {c: by_id.loc[ids, c].to_numpy() for c in params["group_by"] if c in by_id}
         run["metrics"] = metrics.compute(labels, pred, classes, groups, params["bootstrap"], params["seed"])
         run["history"] = pd.read_csv(run_dir / layout.HISTORY)
-        out = layout.eval_dir(record["run_name"])
+        out = layout.eval_dir(record.run_name)
         out.mkdir(parents=True, exist_ok=True)
         pd.DataFrame(
             {"id": ids, "label": labels, "pred": pred, **{f"logit_{c}": logits[:, i] for i, c in enumerate(classes)}}
         ).to_csv(out / layout.PREDICTIONS, index=False)
         files.write_json(out / layout.EVAL_METRICS, run["metrics"])
         print(
-            f"{record['run_name']}: test accuracy {run['metrics']['accuracy']:.3f} "
+            f"{record.run_name}: test accuracy {run['metrics']['accuracy']:.3f} "
             f"[{run['metrics']['accuracy_ci95'][0]:.3f}, {run['metrics']['accuracy_ci95'][1]:.3f}]"
         )
     urls = tracking.link_runs(runs)

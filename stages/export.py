@@ -15,7 +15,7 @@ def main(params: dict) -> None:
     found = export.candidates(layout.RUNS, layout.EVAL)
     chosen = export.choose(found, cfg["run"])
     run_dir = layout.run_dir(chosen["run_name"])
-    record = provenance.load(run_dir / layout.RUN_RECORD)
+    record = provenance.load(run_dir / layout.RUN_RECORD, provenance.RunRecord)
     provenance.check_current(record, layout.WEIGHTS, layout.SPLIT)
     classes = data.load_classes(layout.SPLIT)
     model = export.build(record, run_dir, len(classes), layout.WEIGHTS)
@@ -24,7 +24,7 @@ def main(params: dict) -> None:
         layout.eval_dir(chosen["run_name"]) / layout.PREDICTIONS,
         layout.SPLIT,
         classes,
-        record.get("precision"),
+        record.precision,
     )
     selection = {
         "chosen_by": "export.run" if cfg["run"] else "validation accuracy",
@@ -44,7 +44,7 @@ def main(params: dict) -> None:
         )
         files.write_json(out / "model.json", {**meta, "mlflow": registry})
     print(
-        f"export: {record['run_name']} (validation accuracy {chosen['val_accuracy']:.3f}) -> models/export/, "
+        f"export: {record.run_name} (validation accuracy {chosen['val_accuracy']:.3f}) -> models/export/, "
         f"{registry['uri']} = version {registry['version']}"
         + (" (existing version reused)" if registry["reused_existing_version"] else "")
         + f"; same classes as evaluate on all {equivalence['images']} test images, max |Δ probability| "

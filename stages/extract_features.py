@@ -10,22 +10,21 @@ from transferlab import backbones, cli, data, features, files, layout, precision
 def main(params: dict, name: str, variant: str) -> None:
     extract, finetune = params["extract"], params["finetune"]
     bb = backbones.get(name)
-    meta = provenance.describe(name, variant, extract["input_size"].get(name), precision.from_params(params))
-    meta.update(status=meta["weights"]["status"], batch_size=extract["batch_size"], versions=features.versions())
-    speed = {"weights_unavailable": 1}
+    source = provenance.describe(name, variant, extract["input_size"].get(name), precision.from_params(params))
+    cut, splits, speed = None, {}, {"weights_unavailable": 1}
     with files.atomic_dir(layout.features_dir(name, variant)) as out:
-        if meta["status"] == "unavailable":
-            print(f"{name}: weights unavailable, no features extracted. {meta['weights']['message']}")
+        if source.weights.status == "unavailable":
+            print(f"{name}: weights unavailable, no features extracted. {source.weights.message}")
         else:
-            cut = None  # cut activations feed finetune_top's cached path; stored whatever finetune.backbones says
+            # cut activations feed finetune_top's cached path; stored whatever finetune.backbones says
             if name in finetune["cut_point"] and variant == finetune["preprocessing"]:
                 cut = backbones.cut_boundary(bb, finetune["cut_point"][name])
-            with precision.policy(meta["precision"]):  # features are stored as float32 whatever the policy
-                base = weights.load_backbone(bb, layout.weights_dir(name), input_size=meta["input_size"])
+            with precision.policy(source.precision):  # features are stored as float32 whatever the policy
+                base = weights.load_backbone(bb, layout.weights_dir(name), input_size=source.input_size)
                 model = features.extractor(base, cut, extract["conv_map"])
             manifest = data.load_manifest()
             manifest["abspath"] = data.resolve_paths(manifest)
-            meta["cut_boundary"], meta["splits"], speed = cut, {}, {}
+            speed = {}
             for split in features.SPLITS:
                 rows = manifest[manifest["split"] == split]
                 stats = features.extract_split(
@@ -33,14 +32,22 @@ def main(params: dict, name: str, variant: str) -> None:
                     rows["abspath"].tolist(),
                     rows["class_index"].tolist(),
                     rows["id"].tolist(),
-                    meta["preprocessing"],
+                    source.preprocessing,
                     extract["batch_size"],
                     out / split,
                     f"{layout.pair(name, variant)} {split}",
                 )
                 speed[split] = {k: stats.pop(k) for k in ("seconds", "images_per_second")}
-                meta["splits"][split] = stats
-        files.write_json(out / layout.FEATURES_META, meta)
+                splits[split] = stats
+        meta = provenance.FeaturesRecord.of(
+            source,
+            status=source.weights.status,
+            batch_size=extract["batch_size"],
+            versions=features.versions(),
+            cut_boundary=cut,
+            splits=splits,
+        )
+        provenance.write(meta, out / layout.FEATURES_META)
     # Timings vary run to run; kept out of features/ so identical features keep later stages cached.
     metrics = layout.extract_speed(name, variant)
     metrics.parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,8 @@ finetune_top: unfreezes the base above its cut point, starting from train_head's
 Writes runs/METHOD/PAIR/ (model weights, history, run.json) and DVCLive files in results/METHOD/PAIR/.
 """
 
+import dataclasses
+
 import mlflow
 
 from transferlab import backbones, cli, data, features, files, layout, precision, provenance, tracking, train, weights
@@ -17,11 +19,12 @@ def main(params: dict, method: str, name: str) -> None:
     ablation, preprocessing = params["ablation"], params["finetune"]["preprocessing"]
     features_dir = layout.features_dir(name, preprocessing)
     head_weights = layout.run_dir(layout.run_name(layout.TRAIN_HEAD, name, preprocessing)) / layout.HEAD_WEIGHTS
-    meta = provenance.load(features_dir / layout.FEATURES_META)
+    meta = provenance.load(features_dir / layout.FEATURES_META, provenance.FeaturesRecord)
     plan = planning.plan(method, name, params, meta)
     seed, batch_size, cfg = plan.seed, plan.batch_size, plan.cfg
-    record = provenance.describe(name, plan.preprocessing, plan.input_size, precision.from_params(params))
-    record.update(
+    source = provenance.describe(name, plan.preprocessing, plan.input_size, precision.from_params(params))
+    record = provenance.RunRecord.of(
+        source,
         run_name=plan.run_name,
         stage="finetune",
         method=method,
@@ -31,18 +34,18 @@ def main(params: dict, method: str, name: str) -> None:
             "head": plan.head_cfg,
             "ablation": ablation,
             "cut_boundary": plan.boundary,
-            "compute": {"precision": record["precision"]},
+            "compute": {"precision": source.precision},
         },
     )
     with (
         files.atomic_dir(layout.run_dir(plan.run_name)) as out,
         files.atomic_dir(layout.live_dir(plan.run_name)) as live_dir,
     ):
-        if meta["status"] == "unavailable":
+        if meta.status == "unavailable":
             tracking.skip_unavailable(out, live_dir, record, params)
             return
         # train_head's head and the cut activations come from these features: same precision, or refuse
-        provenance.require_precision(meta.get("precision"), record["precision"], features_dir.as_posix())
+        provenance.require_precision(meta.precision, record.precision, features_dir.as_posix())
         manifest = data.load_manifest()
         manifest["abspath"] = data.resolve_paths(manifest)
         splits = {s: manifest[manifest["split"] == s] for s in ("train", "val")}
@@ -54,7 +57,7 @@ def main(params: dict, method: str, name: str) -> None:
             return features.image_dataset(
                 rows["abspath"].tolist(),
                 rows["class_index"].tolist(),
-                record["preprocessing"],
+                record.preprocessing,
                 batch_size,
                 seed if shuffle else None,
                 seed + (split == "val") if augmented else None,
@@ -62,7 +65,7 @@ def main(params: dict, method: str, name: str) -> None:
 
         with tracking.run(record, params) as active:
             train.seed_everything(seed)
-            with train.strategy().scope(), precision.policy(record["precision"]):
+            with train.strategy().scope(), precision.policy(record.precision):
                 base = weights.load_backbone(backbones.get(name), layout.weights_dir(name), input_size=plan.input_size)
                 train.configure_base(base, plan.boundary, ablation["bn_training"])
                 head = train.head_for(base, n_classes, plan.head_cfg, seed)
@@ -82,15 +85,16 @@ def main(params: dict, method: str, name: str) -> None:
                 data_sets = [images("train", True, augment != "none"), images("val", False, augment == "train_and_val")]
             history, seconds = train.fit(model, *data_sets, cfg["epochs"], tracking.callbacks(live_dir))
             full.save_weights(out / layout.MODEL_WEIGHTS)
-            record.update(
+            record = dataclasses.replace(
+                record,
                 train_seconds=round(seconds, 2),
                 mlflow_run_id=active.info.run_id,
                 cached_path=plan.cached,
                 val_accuracy=float(history["val_accuracy"].iloc[-1]),
             )
             if method == "frozen_end_to_end":
-                with precision.policy(record["precision"]):  # both paths compute the base in this precision
-                    record["parity"] = planning.parity(
+                with precision.policy(record.precision):  # both paths compute the base in this precision
+                    agreement = planning.parity(
                         full,
                         params["head"],
                         n_classes,
@@ -99,8 +103,9 @@ def main(params: dict, method: str, name: str) -> None:
                         images("val", False, False),
                         batch_size,
                     )
-                mlflow.log_metrics(record["parity"])
-                print("parity with train_head:", record["parity"])
+                record = dataclasses.replace(record, parity=provenance.Parity(**agreement))
+                mlflow.log_metrics(agreement)
+                print("parity with train_head:", agreement)
             tracking.finish(out, record, history)
 
 

@@ -485,15 +485,14 @@ def pipeline_alignment(features_dir: Path, manifest: pd.DataFrame) -> dict:
 
 
 def run_alignment(features_root: Path, seeds) -> list[dict]:
-    from transferlab import data, features, files
+    from transferlab import data, features, provenance
     from transferlab import params as checked
 
     params = checked.load(ROOT / "params.yaml")
     manifest, classes = data.load_manifest(ROOT / layout.SPLIT), data.load_classes(ROOT / layout.SPLIT)
     results = []
     for meta_path in sorted(features_root.glob(f"{layout.pair('*', 'native')}/{layout.FEATURES_META}")):
-        meta = files.read_json(meta_path)
-        if meta.get("status") == "unavailable":
+        if provenance.load(meta_path, provenance.FeaturesRecord).status == "unavailable":
             continue
         pair_dir = meta_path.parent
         splits = {}

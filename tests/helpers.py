@@ -75,13 +75,59 @@ def tree_fingerprint(root) -> dict[str, tuple[str, int]]:
     return result
 
 
+def weights_identity(**fields):
+    """A weights identity with every field the weights stage writes (random weights); ``fields`` override."""
+    from transferlab import provenance
+
+    identity = {
+        "backbone": "vgg16",
+        "status": "random",
+        "pretrained": False,
+        "label": "not pretrained",
+        "verified": None,
+        "source": "random",
+        "source_file_sha256": None,
+        "file_sha256": "f" * 64,
+        "top_file_sha256": None,
+        "array_checksum": "c" * 32,
+        "top_available": False,
+        "message": None,
+        "keras_version": "3",
+    }
+    return provenance.Weights(**{**identity, **fields})
+
+
+def run_record(run_name: str, input_size: int = 32, weights=None, **fields):
+    """The run record a stage writes for ``<method>/<backbone>-<variant>``, built by the records' own
+    constructor: ``weights`` is a weights_identity(), ``fields`` set or override any other field."""
+    from transferlab import backbones, layout, provenance
+
+    method, backbone, variant = layout.parse_run_name(run_name)
+    pre = backbones.preprocessing_record(backbones.get(backbone), variant, input_size)
+    source = provenance.Provenance(
+        backbone=backbone,
+        input_size=input_size,
+        preprocessing=pre,
+        preprocessing_fingerprint=backbones.fingerprint(pre),
+        weights=weights or weights_identity(backbone=backbone),
+        manifest_sha256="d" * 64,
+        precision="float32",
+        precision_reason="set in params",
+    )
+    stage = "train_head" if method == layout.TRAIN_HEAD else "finetune"
+    defaults = {"run_name": run_name, "stage": stage, "method": method, "status": "trained", "params": {}}
+    return provenance.RunRecord.of(source, **{**defaults, **fields})
+
+
 def make_tracking_store(root, epochs: int = 2) -> dict:
     """A small MLflow store made by the real tracking code, as the stages and evaluate use it: two
     VGG16 heads trained on random features (random labels) and ResNet50 without weights; MLflow
     goes to ``$MLFLOW_TRACKING_URI``. Run inside ``root`` (the group comes from the cwd)."""
+    import dataclasses
+
     import pandas as pd
 
-    from transferlab import backbones, files, layout, metrics, report, tracking, train
+    from transferlab import files, layout, metrics, report, tracking, train
     from transferlab.params import load as load_params
 
     root = Path(root)
@@ -95,56 +141,45 @@ def make_tracking_store(root, epochs: int = 2) -> dict:
         ("vgg16", "rescale", True),
         ("resnet50", "native", False),
     ]:
-        pre = backbones.preprocessing_record(backbones.get(backbone), variant, 32)
         weights = (
-            {
-                "status": "random",
-                "pretrained": False,
-                "label": "not pretrained",
-                "array_checksum": "c" * 32,
-                "file_sha256": "f" * 64,
-            }
+            weights_identity(backbone=backbone)
             if available
-            else {
-                "status": "unavailable",
-                "pretrained": False,
-                "label": "weights unavailable",
-                "message": f"{backbone}: no ImageNet weights;\nput resnet50_notop.h5 in ~/.keras/models/",
-            }
+            else weights_identity(
+                backbone=backbone,
+                status="unavailable",
+                label="weights unavailable",
+                source="none",
+                file_sha256=None,
+                array_checksum=None,
+                message=f"{backbone}: no ImageNet weights;\nput resnet50_notop.h5 in ~/.keras/models/",
+            )
         )
-        record = {
-            "backbone": backbone,
-            "input_size": 32,
-            "preprocessing": pre,
-            "preprocessing_fingerprint": backbones.fingerprint(pre),
-            "weights": weights,
-            "manifest_sha256": "d" * 64,
-            "run_name": layout.run_name(layout.TRAIN_HEAD, backbone, variant),
-            "stage": "train_head",
-            "method": "train_head",
-            "status": "trained",
-            "params": {"train": params["train"], "head": params["head"]},
-        }
-        out, live = root / layout.run_dir(record["run_name"]), root / layout.live_dir(record["run_name"])
+        record = run_record(
+            layout.run_name(layout.TRAIN_HEAD, backbone, variant),
+            weights=weights,
+            params={"train": params["train"], "head": params["head"]},
+        )
+        out, live = root / layout.run_dir(record.run_name), root / layout.live_dir(record.run_name)
         out.mkdir(parents=True)
         run = {"record": record, "metrics": None, "history": None}
         if not available:
-            tracking.skip_unavailable(out, live, record, params)
+            run["record"] = tracking.skip_unavailable(out, live, record, params)
         else:
             x, y = rng.normal(size=(48, 8)).astype("float32"), rng.integers(0, 3, 48)
             with tracking.run(record, params) as active:
                 head, history, seconds = train.train_head(
                     x[:32], y[:32], x[32:], y[32:], 3, params["train"], params["head"], tracking.callbacks(live)
                 )
-                record.update(train_seconds=round(seconds, 2), mlflow_run_id=active.info.run_id)
+                record = dataclasses.replace(record, train_seconds=round(seconds, 2), mlflow_run_id=active.info.run_id)
                 tracking.finish(out, record, history)
             pred = head.predict(x, verbose=0).argmax(1)
             run.update(
+                record=record,
                 history=pd.read_csv(out / layout.HISTORY),
                 metrics=metrics.compute(y, pred, classes, {"cell_type": np.where(y % 2, "mono", "poly")}, 50),
             )
-            (root / layout.eval_dir(record["run_name"])).mkdir(parents=True)
-            files.write_json(root / layout.eval_dir(record["run_name"]) / layout.EVAL_METRICS, run["metrics"])
+            (root / layout.eval_dir(record.run_name)).mkdir(parents=True)
+            files.write_json(root / layout.eval_dir(record.run_name) / layout.EVAL_METRICS, run["metrics"])
         runs.append(run)
     evaluated_at = time.time() * 1000
     urls = tracking.link_runs(runs)

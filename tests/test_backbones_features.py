@@ -1,12 +1,13 @@
 """The backbone registry against Keras, fingerprints, and row alignment of extracted features."""
 
+import dataclasses
 import importlib
 import json
 
 import keras
 import numpy as np
 import pytest
-from helpers import make_image_tree
+from helpers import make_image_tree, weights_identity
 
 from transferlab import backbones, features, files, provenance
 
@@ -61,7 +62,8 @@ def test_unknown_names_are_refused():
 
 def _identity(tmp_path, checksum):
     (tmp_path / "models/weights/vgg16").mkdir(parents=True, exist_ok=True)
-    (tmp_path / "models/weights/vgg16/identity.json").write_text(json.dumps({"array_checksum": checksum}))
+    identity = dataclasses.asdict(weights_identity(array_checksum=checksum))
+    (tmp_path / "models/weights/vgg16/identity.json").write_text(json.dumps(identity))
 
 
 def test_provenance_check_refuses_any_mismatch_naming_both_records(tmp_path, monkeypatch):
@@ -77,7 +79,7 @@ def test_provenance_check_refuses_any_mismatch_naming_both_records(tmp_path, mon
     provenance.check_same(trained, describe("native", 128), "x")
     with pytest.raises(provenance.ProvenanceMismatch) as err:
         provenance.check_same(trained, describe("rescale", 128), "train_head/vgg16-native")
-    assert "preprocessing_fingerprint" in str(err.value) and trained["preprocessing_fingerprint"] in str(err.value)
+    assert "preprocessing_fingerprint" in str(err.value) and trained.preprocessing_fingerprint in str(err.value)
     with pytest.raises(provenance.ProvenanceMismatch, match="input_size: trained with 128, scoring with 160"):
         provenance.check_same(trained, describe("native", 160), "x")
     _identity(tmp_path, "bbb")

@@ -2,6 +2,7 @@
 
 import runpy
 import sys
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -56,7 +57,7 @@ def test_params_are_loaded_once_and_user_errors_become_one_line(tmp_path, monkey
     assert str(done.value.code).startswith("x: ") and "bad value(s) in params.yaml" in str(done.value.code)
 
 
-META = {"input_size": 128}
+META = SimpleNamespace(input_size=128)  # plan reads only the features record's input size
 
 
 def params(**ablation) -> dict:

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pandas as pd
+from helpers import run_record
 
 from transferlab import dvcfiles, metrics
 
@@ -19,7 +20,7 @@ def scored(name, y_true, y_pred, val_accuracy=0.5):
         }
     )
     return {
-        "record": {"run_name": name, "val_accuracy": val_accuracy},
+        "record": run_record(name, val_accuracy=val_accuracy),
         "metrics": metrics.compute(y_true, y_pred, ["good", "cracked", "dark"], bootstrap=100),
         "history": history,
     }
@@ -31,7 +32,7 @@ def test_one_flat_file_per_scored_run_and_nothing_stale(tmp_path):
         scored("train_head/vgg16-native", y_true, y_pred),
         scored("finetune_top/vgg16-native", y_true, y_true, val_accuracy=0.75),
         {
-            "record": {"run_name": "train_head/resnet50-native", "status": "unavailable"},
+            "record": run_record("train_head/resnet50-native", status="unavailable"),
             "metrics": None,
             "history": None,
         },

@@ -157,6 +157,29 @@ def test_an_edited_record_is_refused_even_with_its_old_fingerprint(repo):
         assert results_bytes(repo) == results  # evaluate: all or nothing
 
 
+def test_a_record_of_an_older_schema_is_refused_in_one_line_saying_re_run_dvc_repro(repo):
+    repo, env = repo
+    for path, stage, kind in [
+        ("features/vgg16-native/meta.json", ("stages/train_head.py", "vgg16", "native"), "features record"),
+        ("runs/finetune_top/vgg16-native/run.json", ("stages/evaluate.py",), "run record"),
+    ]:
+        record_file = repo / path
+        original = record_file.read_bytes()
+        record = json.loads(original)
+        del record["schema_version"]  # as every record written before records were versioned
+        record_file.write_text(json.dumps(record))
+        results = results_bytes(repo)
+        try:
+            out = run(sys.executable, *stage, cwd=repo, env=env, check=False)
+        finally:
+            record_file.write_bytes(original)
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+        line = out.stderr.strip().splitlines()[-1]
+        assert f"{path}: this {kind} has no schema_version" in line
+        assert line.endswith("Re-run `dvc repro` to rebuild it.")
+        assert results_bytes(repo) == results
+
+
 def test_killed_training_leaves_no_partial_output_and_its_run_is_marked_killed(repo):
     repo, env = repo
     outputs = [

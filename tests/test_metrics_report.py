@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import run_record, weights_identity
 
-from transferlab import layout, metrics, report
+from transferlab import metrics, provenance, report
 
 # 9 examples, 4 classes. Class "unsure" is never predicted; class "ghost" has neither
 # support nor predictions, so both zero-division conventions are exercised.
@@ -134,50 +136,47 @@ VGG_RESCALE = {
     "std": [255.0, 255.0, 255.0],
     "keras_function": None,
 }
-IMAGENET = {
-    "status": "available",
-    "pretrained": True,
-    "label": "ImageNet (Keras)",
-    "source": "keras",
-    "file_sha256": "f" * 64,
-    "array_checksum": "c" * 32,
-}
-RANDOM = {
-    "status": "random",
-    "pretrained": False,
-    "label": "not pretrained",
-    "source": "random",
-    "file_sha256": "9" * 64,
-    "array_checksum": "e" * 32,
-}
-UNAVAILABLE = {
-    "status": "unavailable",
-    "pretrained": False,
-    "label": "weights unavailable",
-    "source": "none",
-    "message": "resnet50: no ImageNet weights;\nput the Keras file in ~/.keras/models/",
-}
+IMAGENET = weights_identity(
+    status="available",
+    pretrained=True,
+    label="ImageNet (Keras)",
+    source="keras",
+    file_sha256="f" * 64,
+    array_checksum="c" * 32,
+)
+RANDOM = weights_identity(
+    status="random",
+    pretrained=False,
+    label="not pretrained",
+    source="random",
+    file_sha256="9" * 64,
+    array_checksum="e" * 32,
+)
+UNAVAILABLE = weights_identity(
+    backbone="resnet50",
+    status="unavailable",
+    pretrained=False,
+    label="weights unavailable",
+    source="none",
+    file_sha256=None,
+    array_checksum=None,
+    message="resnet50: no ImageNet weights;\nput the Keras file in ~/.keras/models/",
+)
 
 
 def _run(name, pre, fingerprint, weights, p_correct, seed):
     """A run of 120 binary predictions, each right with probability p_correct."""
-    method, backbone, _ = layout.parse_run_name(name)
-    record = {
-        "run_name": name,
-        "stage": "train_head" if method == layout.TRAIN_HEAD else "finetune",
-        "method": method,
-        "backbone": backbone,
-        "preprocessing": pre,
-        "preprocessing_fingerprint": fingerprint,
-        "weights": weights,
-        "manifest_sha256": "d" * 64,
-        "input_size": 128,
-        "train_seconds": 41.2,
-        "mlflow_run_id": f"mlflow{seed}",
-        "status": "trained",
-    }
-    if weights["status"] == "unavailable":
-        return {"record": {**record, "status": "unavailable"}, "metrics": None, "history": None}
+    record = run_record(
+        name,
+        input_size=128,
+        weights=weights,
+        preprocessing=pre,
+        preprocessing_fingerprint=fingerprint,
+        train_seconds=41.2,
+        mlflow_run_id=f"mlflow{seed}",
+    )
+    if weights.status == "unavailable":
+        return {"record": dataclasses.replace(record, status="unavailable"), "metrics": None, "history": None}
     rng = np.random.default_rng(seed)
     y_true = rng.integers(0, 2, 120)
     y_pred = np.where(rng.random(120) < p_correct, y_true, 1 - y_true)
@@ -244,9 +243,10 @@ def test_write_outputs(tmp_path):
     import matplotlib.pyplot as plt
 
     runs = sample_runs()
-    runs[0]["record"]["parity"] = {"parity_max_abs_logit_diff": 7.6e-6, "parity_val_accuracy_diff": 0.0}
+    agreement = provenance.Parity(parity_max_abs_logit_diff=7.6e-6, parity_val_accuracy_diff=0.0)
+    runs[0]["record"] = dataclasses.replace(runs[0]["record"], parity=agreement)
     for run in runs:
-        run["mlflow_url"] = f"http://127.0.0.1:5000/#/experiments/1/runs/{run['record']['mlflow_run_id']}"
+        run["mlflow_url"] = f"http://127.0.0.1:5000/#/experiments/1/runs/{run['record'].mlflow_run_id}"
     urls = {
         "group": "http://127.0.0.1:5000/#/experiments/1/runs/g",
         "runs": "http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning",

@@ -180,7 +180,7 @@ def test_filter_on_backbone_returns_its_runs(server, browser, shots):
 
 
 def test_unavailable_run_says_why(server, browser, shots):
-    resnet = next(r for r in server["runs"] if r["record"]["backbone"] == "resnet50")
+    resnet = next(r for r in server["runs"] if r["record"].backbone == "resnet50")
     browser.get(tracking.run_url(server["experiment"], resnet["mlflow_run_id"]))
     page_text(
         browser,

@@ -3,7 +3,7 @@
 import mlflow
 import pandas as pd
 import pytest
-from helpers import make_tracking_store
+from helpers import make_tracking_store, run_record, weights_identity
 
 from transferlab import tracking
 
@@ -36,7 +36,7 @@ def test_curves_are_the_four_keras_metrics_per_epoch_from_1(store):
             assert [m.step for m in curve] == [1, 2] == history["epoch"].tolist()
             assert [m.value for m in curve] == pytest.approx(history[key].tolist())
         assert run.data.metrics["train_seconds"] == pytest.approx(
-            store["runs"][0 if "native" in name else 1]["record"]["train_seconds"]
+            store["runs"][0 if "native" in name else 1]["record"].train_seconds
         )
 
 
@@ -60,13 +60,11 @@ def test_identity_and_resolved_sections_are_params(store):
 
 
 def test_finetune_sections_resolve_to_the_backbone():
-    record = {
-        "backbone": "vgg16",
-        "method": "finetune_top",
-        "preprocessing": {"variant": "native"},
-        "input_size": 128,
-        "weights": {"label": "ImageNet"},
-        "params": {
+    record = run_record(
+        "finetune_top/vgg16-native",
+        input_size=128,
+        weights=weights_identity(label="ImageNet"),
+        params={
             "finetune": {
                 "backbones": ["vgg16"],
                 "epochs": 4,
@@ -75,7 +73,7 @@ def test_finetune_sections_resolve_to_the_backbone():
             "ablation": {"bn_training": True},
             "cut_boundary": "block4_pool",
         },
-    }
+    )
     params = tracking.run_params(
         record, {"extract": {"backbones": ["vgg16"], "input_size": {"vgg16": 128}, "batch_size": 32}}
     )
@@ -134,7 +132,7 @@ def test_one_group_run_holds_the_runs_and_the_report(store):
     assert group.info.run_name == f"group/{tracking.group()}" and group.info.status == "FINISHED"
     assert group.info.end_time >= store["evaluated_at"]
     children = client.search_runs([experiment], f"tags.\"mlflow.parentRunId\" = '{group.info.run_id}'")
-    assert sorted(r.info.run_name for r in children) == sorted(r["record"]["run_name"] for r in store["runs"])
+    assert sorted(r.info.run_name for r in children) == sorted(r["record"].run_name for r in store["runs"])
     artifacts = {a.path for a in client.list_artifacts(group.info.run_id)}
     assert {"results.md", "results.csv", "plots"} <= artifacts
     assert "plots/comparison.png" in {a.path for a in client.list_artifacts(group.info.run_id, "plots")}
@@ -143,5 +141,5 @@ def test_one_group_run_holds_the_runs_and_the_report(store):
     assert f"[this run group]({ui}/{group.info.run_id}?workflowType=machine_learning)" in md
     assert f"[all training runs]({ui}?workflowType=machine_learning&orderByKey=" in md
     for run in store["runs"]:
-        row = next(line for line in md.splitlines() if line.startswith(f"| `{run['record']['run_name']}`"))
+        row = next(line for line in md.splitlines() if line.startswith(f"| `{run['record'].run_name}`"))
         assert f"[MLflow]({ui}/{run['mlflow_run_id']}?workflowType=machine_learning)" in row

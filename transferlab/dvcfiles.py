@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from transferlab import files, layout
+from transferlab.provenance import RunRecord
 
 # Test metrics, the share of the largest test class (the floor any model must beat) and the
 # last-epoch validation accuracy the run was chosen on; rounded, so `dvc metrics diff` reads easily.
@@ -33,10 +34,10 @@ KEYS = (
 DIGITS = 4
 
 
-def run_metrics(record: dict, metrics: dict) -> dict:
+def run_metrics(record: RunRecord, metrics: dict) -> dict:
     """One scored run's flat metrics under KEYS (val_accuracy None if training did not record it)."""
     lo, hi = metrics["accuracy_ci95"]
-    values = {**metrics, "accuracy_ci95_lo": lo, "accuracy_ci95_hi": hi, "val_accuracy": record.get("val_accuracy")}
+    values = {**metrics, "accuracy_ci95_lo": lo, "accuracy_ci95_hi": hi, "val_accuracy": record.val_accuracy}
     return {k: None if values[k] is None else round(float(values[k]), DIGITS) for k in KEYS}
 
 
@@ -53,7 +54,7 @@ def curves(runs: list[dict]) -> pd.DataFrame:
             frames.append(
                 pd.DataFrame(
                     {
-                        "run": run["record"]["run_name"],
+                        "run": run["record"].run_name,
                         "epoch": epoch,
                         "split": split,
                         "accuracy": h[f"{prefix}accuracy"],
@@ -86,7 +87,7 @@ def write(runs: list[dict], metrics_dir: Path, plots_dir: Path) -> None:
     scored = [run for run in runs if run.get("metrics")]
     with files.atomic_dir(metrics_dir) as metrics_out, files.atomic_dir(plots_dir / "confusion") as confusion_out:
         for run in scored:
-            name = run["record"]["run_name"]
+            name = run["record"].run_name
             metrics_file, confusion_file = layout.metrics_file(name, metrics_out), confusion_out / f"{name}.csv"
             for path in (metrics_file, confusion_file):
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ checked to reproduce ``images.resize`` + ``backbones.normalise`` bit for bit.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import zipfile
@@ -19,7 +20,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from transferlab import backbones, data, files, layout, precision, predict, tracking, train, weights
+from transferlab import backbones, data, layout, precision, predict, provenance, tracking, train, weights
 
 ALIAS = "champion"
 # Probabilities of the exported model vs evaluate's softmax(logits): same weights and bit-identical
@@ -42,8 +43,8 @@ def candidates(runs_root: Path, eval_root: Path) -> list[dict]:
     found = []
     for predictions in sorted(Path(eval_root).glob(f"**/{layout.PREDICTIONS}")):
         name = predictions.parent.relative_to(eval_root).as_posix()
-        record = files.read_json(layout.run_dir(name, runs_root) / layout.RUN_RECORD)
-        if record["status"] != "trained":
+        record = provenance.load(layout.run_dir(name, runs_root) / layout.RUN_RECORD, provenance.RunRecord)
+        if record.status != "trained":
             continue
         last = pd.read_csv(layout.run_dir(name, runs_root) / layout.HISTORY).iloc[-1]
         loss = float(last["val_loss"])
@@ -101,52 +102,53 @@ def preprocessing_layers(inputs, record: dict):
     return keras.layers.Normalization(mean=record["mean"], variance=variance, dtype="float32", name="normalise")(x)
 
 
-def build(record: dict, run_dir: Path, n_classes: int, weights_root: Path) -> keras.Model:
+def build(record: provenance.RunRecord, run_dir: Path, n_classes: int, weights_root: Path) -> keras.Model:
     """Images -> preprocessing -> backbone -> pooling -> head -> softmax, with the run's trained weights."""
-    bb, head_cfg = backbones.get(record["backbone"]), record["params"]["head"]
-    with precision.policy(record["precision"]):  # the precision it was trained and scored in
-        if record["method"] == layout.TRAIN_HEAD:  # the features came from these very backbone weights
-            base = weights.load_backbone(bb, Path(weights_root) / bb.name, input_size=record["input_size"])
+    bb, head_cfg = backbones.get(record.backbone), record.params["head"]
+    with precision.policy(record.precision):  # the precision it was trained and scored in
+        if record.method == layout.TRAIN_HEAD:  # the features came from these very backbone weights
+            base = weights.load_backbone(bb, Path(weights_root) / bb.name, input_size=record.input_size)
             head = train.head_for(base, n_classes, head_cfg, 0)
             head.load_weights(run_dir / layout.HEAD_WEIGHTS)
             network = train.end_to_end(base, head, head_cfg["pooling"])
         else:
-            base = bb.build(False, None, record["input_size"])
+            base = bb.build(False, None, record.input_size)
             network = train.end_to_end(base, train.head_for(base, n_classes, head_cfg, 0), head_cfg["pooling"])
             network.load_weights(run_dir / layout.MODEL_WEIGHTS)
         inputs = keras.Input((None, None, 3), dtype="uint8", name="images")
-        logits = network(preprocessing_layers(inputs, record["preprocessing"]))
+        logits = network(preprocessing_layers(inputs, record.preprocessing))
         probabilities = keras.layers.Softmax(dtype="float32", name="probabilities")(logits)
     return keras.Model(inputs, probabilities, name=f"transferlab_{bb.name}")
 
 
-def metadata(record: dict, classes: list[str], selection: dict) -> dict:
+def metadata(record: provenance.RunRecord, classes: list[str], selection: dict) -> dict:
     """What travels with the model: classes, preprocessing, weights and data identity, source run, choice."""
+    pre = record.preprocessing
     return {
         "format": "transferlab-export/1",
-        "source_run": record["run_name"],
-        "mlflow_run_id": record.get("mlflow_run_id"),
-        "method": record["method"],
-        "backbone": record["backbone"],
+        "source_run": record.run_name,
+        "mlflow_run_id": record.mlflow_run_id,
+        "method": record.method,
+        "backbone": record.backbone,
         "classes": classes,
         "input": {
             "dtype": "uint8",
             "shape": [None, None, None, 3],
             "colour_order": "RGB",
             "size": "any height and width; resized inside the model to "
-            f"{record['preprocessing']['input_size']} ({record['preprocessing']['interpolation']}, "
-            f"antialias {record['preprocessing']['antialias']}). One batch holds images of one size.",
+            f"{pre['input_size']} ({pre['interpolation']}, "
+            f"antialias {pre['antialias']}). One batch holds images of one size.",
         },
         "output": {
             "dtype": "float32",
             "shape": [None, len(classes)],
             "meaning": "class probabilities (softmax), in the order of 'classes'",
         },
-        "preprocessing": record["preprocessing"],
-        "preprocessing_fingerprint": record["preprocessing_fingerprint"],
-        "weights": record["weights"],
-        "manifest_sha256": record["manifest_sha256"],
-        "precision": record["precision"],
+        "preprocessing": pre,
+        "preprocessing_fingerprint": record.preprocessing_fingerprint,
+        "weights": dataclasses.asdict(record.weights),
+        "manifest_sha256": record.manifest_sha256,
+        "precision": record.precision,
         "selection": selection,
     }
 
@@ -207,14 +209,16 @@ def version_tags(meta: dict) -> dict:
         "source_run": str(meta["mlflow_run_id"]),
         "source_run_name": meta["source_run"],
         "preprocessing_fingerprint": meta["preprocessing_fingerprint"],
-        "weights_array_checksum": meta["weights"].get("array_checksum") or "none",
+        "weights_array_checksum": meta["weights"]["array_checksum"] or "none",
         "weights_pretrained": str(meta["weights"]["pretrained"]).lower(),
         "manifest_sha256": meta["manifest_sha256"],
         "precision": meta["precision"],
     }
 
 
-def register(model: keras.Model, meta: dict, record: dict, name: str, example: np.ndarray, alias: str = ALIAS) -> dict:
+def register(
+    model: keras.Model, meta: dict, record: provenance.RunRecord, name: str, example: np.ndarray, alias: str = ALIAS
+) -> dict:
     """Log the model to its training run, register it under ``name`` and point ``alias`` at it.
 
     A version with the same source run and preprocessing fingerprint is reused, so a re-export
@@ -264,16 +268,16 @@ def register(model: keras.Model, meta: dict, record: dict, name: str, example: n
 
 
 @contextlib.contextmanager
-def _training_run(mlflow, client, record: dict):
+def _training_run(mlflow, client, record: provenance.RunRecord):
     """The training run, reopened with its end time and status put back (its duration stays honest)."""
-    if not tracking.run_exists(client, record.get("mlflow_run_id")):  # trained in another store: a linked run
+    if not tracking.run_exists(client, record.mlflow_run_id):  # trained in another store: a linked run
         with mlflow.start_run(
-            run_name=f"export/{record['run_name']}",
-            tags={**tracking.identity_tags(record), "linked_training_run": str(record.get("mlflow_run_id"))},
+            run_name=f"export/{record.run_name}",
+            tags={**tracking.identity_tags(record), "linked_training_run": str(record.mlflow_run_id)},
         ) as active:
             yield active
         return
-    previous = client.get_run(record["mlflow_run_id"]).info
+    previous = client.get_run(record.mlflow_run_id).info
     with mlflow.start_run(run_id=previous.run_id) as active:
         yield active
     client.set_terminated(previous.run_id, previous.status, previous.end_time)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transferlab import backbones, features, layout, train
+from transferlab import backbones, features, layout, provenance, train
 
 
 @dataclass(frozen=True)
@@ -33,12 +33,12 @@ class Plan:
     trained_head: bool  # start from train_head's head weights
 
 
-def plan(method: str, backbone: str, params: dict, features_meta: dict) -> Plan:
+def plan(method: str, backbone: str, params: dict, features_meta: provenance.FeaturesRecord) -> Plan:
     """The plan for ``method`` on ``backbone`` given the checked params and its features' meta.json."""
     ft, ablation, head = params["finetune"], params["ablation"], params["head"]
     section = "train" if method == "frozen_end_to_end" else "finetune"
     cfg = params[section]
-    input_size = ablation["input_size"] or features_meta["input_size"]
+    input_size = ablation["input_size"] or features_meta.input_size
     top = method == "finetune_top"
     return Plan(
         method=method,
@@ -52,7 +52,7 @@ def plan(method: str, backbone: str, params: dict, features_meta: dict) -> Plan:
         batch_size=ablation["batch_size"] or cfg["batch_size"],
         input_size=input_size,
         boundary=backbones.cut_boundary(backbones.get(backbone), ft["cut_point"].get(backbone, "")) if top else None,
-        cached=top and ablation["augmentation"] == "none" and input_size == features_meta["input_size"],
+        cached=top and ablation["augmentation"] == "none" and input_size == features_meta.input_size,
         trained_head=top and ft["head_init"] == "trained",
     )
 

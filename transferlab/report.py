@@ -1,6 +1,6 @@
 """Results table, Markdown report with an audit trail, and plots, from finished runs.
 
-A run is a dict with ``record`` (the ``run.json`` written by training), ``metrics`` (from
+A run is a dict with ``record`` (the training's :class:`~transferlab.provenance.RunRecord`), ``metrics`` (from
 :func:`transferlab.metrics.compute`, or None) and ``history`` (per-epoch DataFrame with
 epoch, loss, accuracy, val_loss, val_accuracy, or None), and once tracked ``mlflow_url``, the
 run's page in the MLflow UI; :func:`write` adds ``plots``, the run's own figures. Runs whose
@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from transferlab import layout
+from transferlab.provenance import RunRecord
 
 UNAVAILABLE = "weights unavailable"
 NOT_PRETRAINED = "not pretrained"
@@ -30,27 +31,24 @@ MISSING = "—"
 SORT_KEYS = ["backbone", "preprocessing", "method"]
 
 
-def weights_label(record: dict) -> str:
-    w = record.get("weights") or {}
-    if w.get("status") == "unavailable" or record.get("status") == "unavailable":
+def weights_label(record: RunRecord) -> str:
+    if record.weights.status == "unavailable" or record.status == "unavailable":
         return UNAVAILABLE
-    if not w.get("pretrained", w.get("status") == "available"):
+    if not record.weights.pretrained:
         return NOT_PRETRAINED
-    return w.get("label") or "pretrained"
+    return record.weights.label
 
 
-def run_label(record: dict) -> str:
+def run_label(record: RunRecord) -> str:
     """backbone / method / variant, plus the weights caveat when there is one."""
-    pre = record.get("preprocessing") or {}
-    parts = [record.get("backbone"), record.get("method"), pre.get("variant")]
-    label = " / ".join(str(p) for p in parts if p)
+    label = " / ".join((record.backbone, record.method, record.variant))
     caveat = weights_label(record)
     return f"{label} ({caveat})" if caveat in (UNAVAILABLE, NOT_PRETRAINED) else label
 
 
 def table(runs: list[dict]) -> pd.DataFrame:
     """One row per run; metric cells are NaN (never a number) when there is no result."""
-    names = [r["record"]["run_name"] for r in runs]
+    names = [r["record"].run_name for r in runs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ValueError(f"run names must be unique; repeated: {duplicates}")
@@ -84,20 +82,19 @@ def table(runs: list[dict]) -> pd.DataFrame:
 def _row(run: dict) -> dict:
     record = run["record"]
     metrics = run.get("metrics")
-    pre = record.get("preprocessing") or {}
-    w = record.get("weights") or {}
     label = weights_label(record)
+    seconds = record.train_seconds
     row = {
-        "run_name": record["run_name"],
-        "backbone": record.get("backbone"),
-        "method": record.get("method"),
-        "preprocessing": pre.get("variant"),
-        "precision": record.get("precision"),
+        "run_name": record.run_name,
+        "backbone": record.backbone,
+        "method": record.method,
+        "preprocessing": record.variant,
+        "precision": record.precision,
         "weights": label,
-        "train_seconds": np.nan if label == UNAVAILABLE else record.get("train_seconds", np.nan),
-        "preprocessing_fingerprint": record.get("preprocessing_fingerprint"),
-        "weights_checksum": _short(w.get("array_checksum")),
-        "manifest_sha256": _short(record.get("manifest_sha256")),
+        "train_seconds": np.nan if label == UNAVAILABLE or seconds is None else seconds,
+        "preprocessing_fingerprint": record.preprocessing_fingerprint,
+        "weights_checksum": _short(record.weights.array_checksum),
+        "manifest_sha256": _short(record.manifest_sha256),
     }
     if metrics:
         lo, hi = metrics["accuracy_ci95"]
@@ -126,13 +123,13 @@ def write(runs: list[dict], out_dir, mlflow_urls: dict | None = None) -> list[Pa
     plots = out_dir / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     df = table(runs)
-    by_name = {r["record"]["run_name"]: r for r in runs}
+    by_name = {r["record"].run_name: r for r in runs}
     ordered = [by_name[name] for name in df["run_name"]]
 
     written = []
     used: set[str] = set()
     for run in ordered:
-        name = _file_safe(run["record"]["run_name"], used)
+        name = _file_safe(run["record"].run_name, used)
         run["plots"] = {}
         if run.get("history") is not None:
             run["plots"]["learning_curves"] = _save(_learning_curves([run]), plots / f"curves_{name}.png")
@@ -254,14 +251,14 @@ def _text(value) -> str:
 
 def _parity(runs: list[dict]) -> list[str]:
     """frozen_end_to_end is train_head's model (bottleneck head) trained on images: these figures say if it is."""
-    rows = [r["record"] for r in runs if r["record"].get("parity")]
+    rows = [r["record"] for r in runs if r["record"].parity]
     if not rows:
         return []
     body = [
         [
-            f"`{r['run_name']}`",
-            f"{r['parity']['parity_max_abs_logit_diff']:.2e}",
-            f"{r['parity']['parity_val_accuracy_diff']:+.4f}",
+            f"`{r.run_name}`",
+            f"{r.parity.parity_max_abs_logit_diff:.2e}",
+            f"{r.parity.parity_val_accuracy_diff:+.4f}",
         ]
         for r in rows
     ]
@@ -282,14 +279,14 @@ def _audit(runs: list[dict]) -> list[str]:
         "Which preprocessing, weights and data produced which result.",
     ]
     for run in runs:
-        lines += ["", f"### `{run['record']['run_name']}`", "", *_audit_run(run)]
+        lines += ["", f"### `{run['record'].run_name}`", "", *_audit_run(run)]
     lines += ["", "### Where runs disagree", "", *_disagreements([r["record"] for r in runs])]
     return lines
 
 
 def _audit_run(run: dict) -> list[str]:
     record, metrics = run["record"], run.get("metrics")
-    w = record.get("weights") or {}
+    w = record.weights
     label = weights_label(record)
     if metrics:
         lo, hi = metrics["accuracy_ci95"]
@@ -301,45 +298,42 @@ def _audit_run(run: dict) -> list[str]:
     else:
         result = f"none ({UNAVAILABLE})" if label == UNAVAILABLE else "none (no metrics recorded)"
     if label == UNAVAILABLE:
-        identity = UNAVAILABLE + (f" ({' '.join(w['message'].split())})" if w.get("message") else "")
+        identity = UNAVAILABLE + (f" ({' '.join(w.message.split())})" if w.message else "")
     else:
         pretrained = "no" if label == NOT_PRETRAINED else "yes"
-        identity = f"{label} (status {w.get('status', MISSING)}, pretrained: {pretrained})"
+        identity = f"{label} (status {w.status}, pretrained: {pretrained})"
     weights = "; ".join(
         [
             identity,
-            f"source {_code(w.get('source'))}",
-            f"file sha256 {_code(w.get('file_sha256'))}",
-            f"array checksum {_code(w.get('array_checksum'))}",
+            f"source {_code(w.source)}",
+            f"file sha256 {_code(w.file_sha256)}",
+            f"array checksum {_code(w.array_checksum)}",
         ]
     )
-    run_info = [f"MLflow run id {_code(record.get('mlflow_run_id'))}", f"stage {record.get('stage', MISSING)}"]
-    if record.get("train_seconds") is not None and label != UNAVAILABLE:
-        run_info.append(f"trained in {record['train_seconds']:.1f} s")
+    run_info = [f"MLflow run id {_code(record.mlflow_run_id)}", f"stage {record.stage}"]
+    if record.train_seconds is not None and label != UNAVAILABLE:
+        run_info.append(f"trained in {record.train_seconds:.1f} s")
     return [
         f"- **Result:** {result}.",
-        f"- **Preprocessing** {_code(record.get('preprocessing_fingerprint'))}: "
-        f"{describe_preprocessing(record.get('preprocessing') or {})}.",
+        f"- **Preprocessing** {_code(record.preprocessing_fingerprint)}: "
+        f"{describe_preprocessing(record.preprocessing)}.",
         f"- **Weights:** {weights}.",
-        f"- **Precision:** {_code(record.get('precision'))} ({record.get('precision_reason', MISSING)}).",
-        f"- **Data:** split manifest sha256 {_code(record.get('manifest_sha256'))}.",
+        f"- **Precision:** {_code(record.precision)} ({record.precision_reason}).",
+        f"- **Data:** split manifest sha256 {_code(record.manifest_sha256)}.",
         f"- **Run:** {'; '.join(run_info)}.",
     ]
 
 
 def describe_preprocessing(pre: dict) -> str:
-    """The preprocessing record in words: everything that decides the pixels the network sees."""
-    if not pre.get("mode"):  # e.g. a backbone skipped for want of weights: nothing was preprocessed
-        return f"variant {pre.get('variant', MISSING)}; no full record (nothing was run)"
-    function = f" (`{pre['keras_function']}`)" if pre.get("keras_function") else ""
-    size = pre.get("input_size")
-    size = "×".join(str(s) for s in size) if isinstance(size, (list, tuple)) else str(size)
-    antialias = {True: "on", False: "off"}.get(pre.get("antialias"), MISSING)
+    """The preprocessing record (backbones.preprocessing_record) in words: everything that decides
+    the pixels the network sees."""
+    function = f" (`{pre['keras_function']}`)" if pre["keras_function"] else ""
+    size = "×".join(str(s) for s in pre["input_size"])
     return (
-        f"variant {pre.get('variant', MISSING)}: {pre.get('mode', MISSING)} mode{function}, "
-        f"{pre.get('colour_order', MISSING)} channel order, subtract mean {_vector(pre.get('mean'))} "
-        f"then divide by std {_vector(pre.get('std'))} (0–255 scale), resized to {size} with "
-        f"{pre.get('interpolation', MISSING)} interpolation, antialias {antialias}"
+        f"variant {pre['variant']}: {pre['mode']} mode{function}, "
+        f"{pre['colour_order']} channel order, subtract mean {_vector(pre['mean'])} "
+        f"then divide by std {_vector(pre['std'])} (0–255 scale), resized to {size} with "
+        f"{pre['interpolation']} interpolation, antialias {'on' if pre['antialias'] else 'off'}"
     )
 
 
@@ -351,42 +345,38 @@ def _code(value) -> str:
     return MISSING if pd.isna(value) or not value else f"`{value}`"
 
 
-def _disagreements(records: list[dict]) -> list[str]:
+def _disagreements(records: list[RunRecord]) -> list[str]:
     """Notes for runs that should be comparable but were not produced from the same inputs."""
     notes = []
-    by_backbone: dict[str, list[dict]] = {}
+    by_backbone: dict[str, list[RunRecord]] = {}
     for record in records:
-        if record.get("backbone"):
-            by_backbone.setdefault(record["backbone"], []).append(record)
+        by_backbone.setdefault(record.backbone, []).append(record)
     for backbone, group in sorted(by_backbone.items()):
-        with_fp = [r for r in group if r.get("preprocessing_fingerprint")]
-        fingerprints = _distinct(with_fp, lambda r: r["preprocessing_fingerprint"])
+        fingerprints = _distinct(group, lambda r: r.preprocessing_fingerprint)
         if len(fingerprints) > 1:
             variants = " vs ".join(
-                f"`{fp}` ({(rs[0].get('preprocessing') or {}).get('variant', MISSING)}: "
-                f"{', '.join(r['run_name'] for r in rs)})"
-                for fp, rs in fingerprints.items()
+                f"`{fp}` ({rs[0].variant}: {', '.join(r.run_name for r in rs)})" for fp, rs in fingerprints.items()
             )
-            fields = _differing_fields([rs[0].get("preprocessing") or {} for rs in fingerprints.values()])
+            fields = _differing_fields([rs[0].preprocessing for rs in fingerprints.values()])
             notes.append(
                 f"- **{backbone}, preprocessing:** {len(fingerprints)} fingerprints, {variants}; "
                 f"they differ in {fields}. Accuracy differences between these runs include the "
                 "preprocessing, not only the method."
             )
         pretrained = [r for r in group if weights_label(r) not in (UNAVAILABLE, NOT_PRETRAINED)]
-        checksums = _distinct(pretrained, lambda r: (r.get("weights") or {}).get("array_checksum"))
+        checksums = _distinct(pretrained, lambda r: r.weights.array_checksum)
         if len(checksums) > 1:
             notes.append(
                 f"- **{backbone}, weights:** pretrained runs start from {len(checksums)} different "
                 f"weight arrays ({_listing(checksums)})."
             )
-    manifests = _distinct(records, lambda r: r.get("manifest_sha256"))
+    manifests = _distinct(records, lambda r: r.manifest_sha256)
     if len(manifests) > 1:
         notes.append(
             f"- **Data:** runs used {len(manifests)} different split manifests ({_listing(manifests)}); "
             "their accuracies were measured on different test sets and are not directly comparable."
         )
-    precisions = _distinct(records, lambda r: r.get("precision"))
+    precisions = _distinct(records, lambda r: r.precision)
     if len(precisions) > 1:
         notes.append(
             f"- **Precision:** runs were computed in {len(precisions)} precisions ({_listing(precisions)}); "
@@ -398,7 +388,7 @@ def _disagreements(records: list[dict]) -> list[str]:
     ]
 
 
-def _distinct(records: list[dict], key) -> dict:
+def _distinct(records: list[RunRecord], key) -> dict:
     out: dict = {}
     for record in records:
         if key(record):
@@ -407,10 +397,11 @@ def _distinct(records: list[dict], key) -> dict:
 
 
 def _listing(groups: dict) -> str:
-    return "; ".join(f"{_code(key)}: {', '.join(r['run_name'] for r in rs)}" for key, rs in groups.items())
+    return "; ".join(f"{_code(key)}: {', '.join(r.run_name for r in rs)}" for key, rs in groups.items())
 
 
 def _differing_fields(records: list[dict]) -> str:
+    """The preprocessing records' fields that differ, in words."""
     keys = sorted({k for r in records for k in r})
     parts = [
         f"{k.replace('_', ' ')} (" + " vs ".join(_plain(r.get(k)) for r in records) + ")"

@@ -14,6 +14,7 @@ metrics to a finished run without reopening it, so the run's duration stays the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import re
@@ -29,7 +30,7 @@ import mlflow
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
-from transferlab import files, layout
+from transferlab import files, layout, provenance
 
 EXPERIMENT = "transferlab"
 UI_URL = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store (README)
@@ -103,22 +104,22 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def identity_tags(record: dict) -> dict:
-    weights = record["weights"]
+def identity_tags(record: provenance.RunRecord) -> dict:
+    weights = record.weights
     return {
         **_context_tags(),
-        "stage": record["stage"],
-        "method": record["method"],
-        "backbone": record["backbone"],
-        "preprocessing": record["preprocessing"]["variant"],
-        "preprocessing_fingerprint": record["preprocessing_fingerprint"],
-        "input_size": str(record["input_size"]),
-        "precision": str(record.get("precision")),
-        "weights": weights["label"],
-        "weights_pretrained": str(weights["pretrained"]).lower(),
-        "weights_array_checksum": weights.get("array_checksum") or "none",
-        "weights_file_sha256": weights.get("file_sha256") or "none",
-        "manifest_sha256": record["manifest_sha256"],
+        "stage": record.stage,
+        "method": record.method,
+        "backbone": record.backbone,
+        "preprocessing": record.variant,
+        "preprocessing_fingerprint": record.preprocessing_fingerprint,
+        "input_size": str(record.input_size),
+        "precision": record.precision,
+        "weights": weights.label,
+        "weights_pretrained": str(weights.pretrained).lower(),
+        "weights_array_checksum": weights.array_checksum or "none",
+        "weights_file_sha256": weights.file_sha256 or "none",
+        "manifest_sha256": record.manifest_sha256,
     }
 
 
@@ -128,16 +129,16 @@ def _resolved(section: dict, backbone: str) -> dict:
     return {k: v.get(backbone) if isinstance(v, dict) else v for k, v in section.items() if not isinstance(v, list)}
 
 
-def run_params(record: dict, params: dict) -> dict:
+def run_params(record: provenance.RunRecord, params: dict) -> dict:
     """The run's identity and every params section it depends on, as MLflow params."""
-    backbone = record["backbone"]
-    sections = {"extract": params["extract"], "ablation": ABLATION_OFF, **record["params"]}
+    backbone = record.backbone
+    sections = {"extract": params["extract"], "ablation": ABLATION_OFF, **record.params}
     return {
         "backbone": backbone,
-        "method": record["method"],
-        "preprocessing": record["preprocessing"]["variant"],
-        "input_size": record["input_size"],
-        "weights": record["weights"]["label"],
+        "method": record.method,
+        "preprocessing": record.variant,
+        "input_size": record.input_size,
+        "weights": record.weights.label,
         **flatten({name: _resolved(s, backbone) if isinstance(s, dict) else s for name, s in sections.items()}),
     }
 
@@ -169,16 +170,16 @@ def group_run(client: mlflow.MlflowClient, experiment_id: str) -> str:
 
 
 @contextlib.contextmanager
-def run(record: dict, params: dict):
+def run(record: provenance.RunRecord, params: dict):
     """An MLflow run, child of its group's run, with the run's params and identity tags.
 
-    ``params`` is the whole params.yaml; ``record["params"]`` the sections the stage used."""
+    ``params`` is the whole params.yaml; ``record.params`` the sections the stage used."""
     client, experiment_id = _store()
-    mark_killed_runs(record["run_name"])
+    mark_killed_runs(record.run_name)
     owner = {"transferlab.host": socket.gethostname(), "transferlab.pid": str(os.getpid())}
     with mlflow.start_run(
         experiment_id=experiment_id,
-        run_name=record["run_name"],
+        run_name=record.run_name,
         tags={**identity_tags(record), **owner},
         parent_run_id=group_run(client, experiment_id),
     ) as active:
@@ -241,27 +242,28 @@ def live_callback(directory: Path):
     return DVCLiveCallback(live=Live(str(directory), dvcyaml=None, save_dvc_exp=False))
 
 
-def finish(out_dir: Path, record: dict, history) -> None:
+def finish(out_dir: Path, record: provenance.RunRecord, history) -> None:
     """Write the run's record and curves beside its weights, and attach them to the MLflow run."""
     history.to_csv(out_dir / layout.HISTORY, index=False)
-    files.write_json(out_dir / "preprocessing.json", record["preprocessing"])
-    files.write_json(out_dir / layout.RUN_RECORD, record)
-    mlflow.log_metric("train_seconds", record["train_seconds"])
+    files.write_json(out_dir / "preprocessing.json", record.preprocessing)
+    provenance.write(record, out_dir / layout.RUN_RECORD)
+    mlflow.log_metric("train_seconds", record.train_seconds)
     mlflow.log_artifacts(str(out_dir))
 
 
-def skip_unavailable(out_dir: Path, live_dir: Path, record: dict, params: dict) -> None:
+def skip_unavailable(out_dir: Path, live_dir: Path, record: provenance.RunRecord, params: dict) -> provenance.RunRecord:
     """A run that cannot happen still leaves its declared outputs and a finished MLflow run without
-    metrics, saying why and which file to supply, so the UI shows it beside the others."""
-    record.update(status="unavailable")
-    message = " ".join((record["weights"].get("message") or "").split())
+    metrics, saying why and which file to supply, so the UI shows it beside the others. Returns its record."""
+    record = dataclasses.replace(record, status="unavailable")
+    message = " ".join((record.weights.message or "").split())
     with run(record, params) as active:
         mlflow.set_tag("mlflow.note.content", f"**Weights unavailable**: not trained, no metrics. {message}")
-        record["mlflow_run_id"] = active.info.run_id
-    files.write_json(out_dir / layout.RUN_RECORD, record)
+    record = dataclasses.replace(record, mlflow_run_id=active.info.run_id)
+    provenance.write(record, out_dir / layout.RUN_RECORD)
     (live_dir / "plots").mkdir(parents=True, exist_ok=True)  # declared in dvc.yaml: exists, empty
     files.write_json(live_dir / "metrics.json", {"weights_unavailable": 1})
-    print(f"{record['run_name']}: skipped, weights unavailable. {message}")
+    print(f"{record.run_name}: skipped, weights unavailable. {message}")
+    return record
 
 
 # --- evaluate -----------------------------------------------------------------------------
@@ -275,10 +277,10 @@ def link_runs(runs: list[dict]) -> dict:
     parent = group_run(client, experiment_id)
     for run_ in runs:
         record = run_["record"]
-        run_id = record.get("mlflow_run_id")
+        run_id = record.mlflow_run_id
         if not run_exists(client, run_id):
             tags = {**identity_tags(record), "linked_training_run": str(run_id), "mlflow.parentRunId": parent}
-            run_id = client.create_run(experiment_id, run_name=f"evaluate/{record['run_name']}", tags=tags).info.run_id
+            run_id = client.create_run(experiment_id, run_name=f"evaluate/{record.run_name}", tags=tags).info.run_id
             client.set_terminated(run_id)
         run_.update(mlflow_run_id=run_id, mlflow_url=run_url(experiment_id, run_id))
     return {"group": run_url(experiment_id, parent), "runs": runs_view_url(experiment_id)}
@@ -321,7 +323,7 @@ def log_evaluation(runs: list[dict], reports_dir: Path, eval_dir: Path) -> None:
         run_id = run_["mlflow_run_id"]
         metrics = evaluation_metrics(run_["metrics"])
         client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
-        client.log_artifacts(run_id, str(eval_dir / run_["record"]["run_name"]), "evaluation")
+        client.log_artifacts(run_id, str(eval_dir / run_["record"].run_name), "evaluation")
         with tempfile.TemporaryDirectory() as figures:  # at the top of the run's artifacts, one click away
             for kind, path in run_.get("plots", {}).items():
                 shutil.copy(path, Path(figures) / f"{kind}.png")
