@@ -1,4 +1,4 @@
-"""extract_features: pooled (and cut-point) features of one backbone x preprocessing pair, per split.
+"""extract_features: pooled features (and the last conv map) of one backbone x preprocessing pair, per split.
 
 Usage: python stages/extract_features.py BACKBONE PREPROCESSING
 Writes features/BACKBONE-PREPROCESSING/{train,val,test}/ and meta.json (how they were made), and the
@@ -8,13 +8,13 @@ extraction speed to results/extract_features/BACKBONE-PREPROCESSING.json.
 import sys
 from pathlib import Path
 
-from transferlab import backbones, data, features, files, precision, provenance, weights
+from transferlab import backbones, features, files, precision, provenance, weights
 from transferlab.params import load_for_stage
 
 
 def main(name: str, variant: str) -> None:
     params = load_for_stage("extract_features")
-    extract, finetune = params["extract"], params["finetune"]
+    extract = params["extract"]
     bb = backbones.get(name)
     meta = provenance.describe(name, variant, extract["input_size"].get(name), precision.from_params(params))
     meta.update(status=meta["weights"]["status"], batch_size=extract["batch_size"], versions=features.versions())
@@ -23,29 +23,13 @@ def main(name: str, variant: str) -> None:
         if meta["status"] == "unavailable":
             print(f"{name}: weights unavailable, no features extracted. {meta['weights']['message']}")
         else:
-            cut = None  # cut activations feed finetune_top's cached path; stored whatever finetune.backbones says
-            if name in finetune["cut_point"] and variant == finetune["preprocessing"]:
-                cut = backbones.cut_boundary(bb, finetune["cut_point"][name])
             with precision.policy(meta["precision"]):  # features are stored as float32 whatever the policy
                 base = weights.load_backbone(bb, Path("models/weights") / name, input_size=meta["input_size"])
-                model = features.extractor(base, cut, extract["conv_map"])
-            manifest = data.load_manifest()
-            manifest["abspath"] = data.resolve_paths(manifest)
-            meta["cut_boundary"], meta["splits"], speed = cut, {}, {}
-            for split in features.SPLITS:
-                rows = manifest[manifest["split"] == split]
-                stats = features.extract_split(
-                    model,
-                    rows["abspath"].tolist(),
-                    rows["class_index"].tolist(),
-                    rows["id"].tolist(),
-                    meta["preprocessing"],
-                    extract["batch_size"],
-                    out / split,
-                    f"{name}-{variant} {split}",
-                )
-                speed[split] = {k: stats.pop(k) for k in ("seconds", "images_per_second")}
-                meta["splits"][split] = stats
+                model = features.extractor(base, None, extract["conv_map"])
+            meta["splits"], speed = features.extract_splits(
+                model, features.SPLITS, meta["preprocessing"], extract["batch_size"], out, f"{name}-{variant}"
+            )
+            meta["bytes"] = features.report_bytes(out, meta["splits"])
         files.write_json(out / "meta.json", meta)
     # Timings vary run to run; kept out of features/ so identical features keep later stages cached.
     metrics = Path("results/extract_features") / f"{name}-{variant}.json"

@@ -14,7 +14,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
-from transferlab import backbones, data, features, files, precision, provenance, tracking, train, weights
+from transferlab import backbones, cut, data, features, files, precision, provenance, tracking, train, weights
 from transferlab.params import FINETUNE_METHODS, load_for_stage
 
 
@@ -36,7 +36,8 @@ def main(method: str, name: str) -> None:
         raise SystemExit(f"finetune: method must be one of {FINETUNE_METHODS}, got {method!r}")
     params = load_for_stage("finetune")
     ft, ablation, head_params = params["finetune"], params["ablation"], params["head"]
-    cfg = params["train"] if method == "frozen_end_to_end" else ft
+    # this backbone's cut point only: the stage depends on finetune.cut_point.<backbone> alone (dvc.yaml)
+    cfg = params["train"] if method == "frozen_end_to_end" else {**ft, "cut_point": ft["cut_point"].get(name)}
     seed, pair, bb = params["train"]["seed"], f"{name}-{ft['preprocessing']}", backbones.get(name)
     meta = provenance.load(Path("features") / pair / "meta.json")
     head_cfg = {**head_params, "dropout_position": ablation["dropout_position"] or head_params["dropout_position"]}
@@ -71,7 +72,10 @@ def main(method: str, name: str) -> None:
         splits = {s: manifest[manifest["split"] == s] for s in ("train", "val")}
         n_classes = len(data.load_classes())
         augment = ablation["augmentation"]
-        cached = method == "finetune_top" and augment == "none" and input_size == meta["input_size"]
+        cached = method == "finetune_top" and cut.images_needed(ablation, meta["input_size"]) is None
+        cut_dir = Path("cut") / pair
+        if cached:  # the activations must come from this run's boundary and inputs, or it refuses them
+            cut.check(provenance.load(cut_dir / "meta.json"), record, boundary, f"{cut_dir}")
 
         def images(split: str, shuffle: bool, augmented: bool):
             rows = splits[split]
@@ -100,8 +104,8 @@ def main(method: str, name: str) -> None:
             if cached:
                 data_sets = []
                 for split in ("train", "val"):
-                    _, labels, cut = features.load_split(Path("features") / pair, split, "cut")
-                    data_sets.append(train.feature_dataset(cut, labels, batch_size, seed if split == "train" else None))
+                    _, labels, x = features.load_split(cut_dir, split, "cut")
+                    data_sets.append(train.feature_dataset(x, labels, batch_size, seed if split == "train" else None))
             else:
                 data_sets = [images("train", True, augment != "none"), images("val", False, augment == "train_and_val")]
             history, seconds = train.fit(model, *data_sets, cfg["epochs"], tracking.callbacks(live_dir))
