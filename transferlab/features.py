@@ -154,7 +154,9 @@ def _stored(values: np.ndarray, dtype: str, where: str) -> np.ndarray:
     if dtype == "float16":
         peak = float(np.abs(values.astype(np.float32)).max(initial=0.0))
         if not peak <= np.finfo(np.float16).max:
-            raise ValueError(f"{where}: a value of magnitude {peak:g} does not fit float16 (largest 65504)")
+            raise ValueError(
+                f"{where}: a value of magnitude {peak:g} does not fit float16 (largest 65504); store float32"
+            )
     return values.astype(dtype)
 
 
