@@ -176,15 +176,9 @@ def test_float16_cut_activations_train_like_float32_ones(toy):
         history, _ = train.fit(model, train.feature_dataset(inputs, y, 8, 0), None, 2)
         results.append((full(x).numpy(), history["loss"].to_numpy(), base.get_layer("high_conv").kernel.numpy()))
     (logits_h, loss_h, k_h), (logits_f, loss_f, k_f) = results
-    print(
-        "float16 cached vs full:",
-        np.abs(loss_h - loss_f).max(),
-        np.abs(k_h - k_f).max(),
-        np.abs(logits_h - logits_f).max(),
-    )
-    assert np.abs(loss_h - loss_f).max() < 1e-3
-    assert np.abs(k_h - k_f).max() < 1e-3
-    assert np.abs(logits_h - logits_f).max() < 1e-2
+    assert np.abs(loss_h - loss_f).max() < 1e-4  # measured: 2e-7 (2 epochs, float32 policy)
+    assert np.abs(k_h - k_f).max() < 1e-4
+    assert np.abs(logits_h - logits_f).max() < 1e-3
     assert (logits_h.argmax(1) == logits_f.argmax(1)).mean() >= 0.95
 
 
