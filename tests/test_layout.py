@@ -29,6 +29,9 @@ def expected(stage: str, args: list[str], params: dict) -> tuple[set, set]:
             {layout.features_dir(backbone, variant), layout.extract_speed(backbone, variant)},
             {layout.SPLIT, layout.weights_dir(backbone), layout.SELFTEST_RESULTS},
         )
+    if stage == "extract_cut":
+        (backbone,) = args
+        return {layout.cut_dir(backbone, pre)}, {layout.SPLIT, layout.WEIGHTS, layout.SELFTEST_RESULTS}
     if stage == "train_head":
         name = layout.run_name(layout.TRAIN_HEAD, *args)
         return {layout.run_dir(name), layout.live_dir(name)}, {layout.features_dir(*args)}
@@ -38,7 +41,13 @@ def expected(stage: str, args: list[str], params: dict) -> tuple[set, set]:
         head = layout.run_dir(layout.run_name(layout.TRAIN_HEAD, backbone, pre))
         return (
             {layout.run_dir(name), layout.live_dir(name)},
-            {layout.SPLIT, layout.weights_dir(backbone), layout.features_dir(backbone, pre), head},
+            {
+                layout.SPLIT,
+                layout.weights_dir(backbone),
+                layout.features_dir(backbone, pre),
+                layout.cut_dir(backbone, pre),
+                head,
+            },
         )
     if stage == "evaluate":
         return (

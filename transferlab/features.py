@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from transferlab import backbones, files, layout, precision
+from transferlab import backbones, data, files, layout, precision
 from transferlab.images import open_rgb, resize
 from transferlab.provenance import ProvenanceMismatch
 
@@ -73,11 +73,15 @@ def image_dataset(
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def extractor(base, cut_layer: str | None, conv_map: bool):
-    """A model with named outputs: the pooled vector, optionally the last conv map and the cut activations."""
+def extractor(base, cut_layer: str | None, conv_map: bool, pooled: bool = True):
+    """A model with named outputs: the pooled vector, optionally the last conv map and the cut activations.
+
+    The cut activations alone (``pooled=False``) need only the layers up to the cut: they are
+    computed by the same layers as with the other outputs, so they are the same values.
+    """
     import keras
 
-    outputs = {"pooled": precision.pooled(base.output)}
+    outputs = {"pooled": precision.pooled(base.output)} if pooled else {}
     if conv_map:
         outputs["conv_map"] = base.output
     if cut_layer:
@@ -85,16 +89,20 @@ def extractor(base, cut_layer: str | None, conv_map: bool):
     return keras.Model(base.input, outputs)
 
 
-def extract_split(model, paths, labels, ids, record: dict, batch_size: int, out_dir: Path, desc: str) -> dict:
-    """Write <out_dir>/{ids.json, labels.npy, <output>.npy} for one split; returns counts, hashes and speed."""
+def extract_split(
+    model, paths, labels, ids, record: dict, batch_size: int, out_dir: Path, desc: str, dtype: str = "float32"
+) -> dict:
+    """Write <out_dir>/{ids.json, labels.npy, <output>.npy} for one split; returns counts, hashes, bytes and speed.
+
+    Arrays are stored as ``dtype`` whatever the precision policy computed them in (float16 halves
+    the disk and memory a cut-point cache takes; a value it cannot hold stops the extraction).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     files.write_json(out_dir / IDS, [str(i) for i in ids])
     np.save(out_dir / "labels.npy", np.asarray(labels, np.int64))
     n = len(paths)
     arrays = {
-        name: np.lib.format.open_memmap(
-            out_dir / f"{name}.npy", mode="w+", dtype=np.float32, shape=(n, *tensor.shape[1:])
-        )
+        name: np.lib.format.open_memmap(out_dir / f"{name}.npy", mode="w+", dtype=dtype, shape=(n, *tensor.shape[1:]))
         for name, tensor in model.output.items()
     }
     forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True, autograph=False)
@@ -102,7 +110,7 @@ def extract_split(model, paths, labels, ids, record: dict, batch_size: int, out_
     with tqdm(total=n, desc=desc, unit="img") as bar:
         for images, _ in image_dataset(paths, labels, record, batch_size):
             for name, value in forward(images).items():
-                arrays[name][row : row + len(images)] = value.numpy()
+                arrays[name][row : row + len(images)] = _stored(value.numpy(), dtype, f"{desc} {name}")
             row += len(images)
             bar.update(len(images))
     for array in arrays.values():
@@ -115,7 +123,49 @@ def extract_split(model, paths, labels, ids, record: dict, batch_size: int, out_
         "images_per_second": round(n / max(seconds, 1e-9), 2),
         "shapes": {k: list(v.shape[1:]) for k, v in model.output.items()},
         "sha256": array_hashes(out_dir),
+        "bytes": sum(p.stat().st_size for p in out_dir.iterdir()),
     }
+
+
+def extract_splits(model, splits, record: dict, batch_size: int, out: Path, desc: str, dtype: str = "float32"):
+    """:func:`extract_split` for each of ``splits`` of data/split's manifest: (stats by split, speed by split)."""
+    manifest = data.load_manifest()
+    manifest["abspath"] = data.resolve_paths(manifest)
+    stats, speed = {}, {}
+    for split in splits:
+        rows = manifest[manifest["split"] == split]
+        stats[split] = extract_split(
+            model,
+            rows["abspath"].tolist(),
+            rows["class_index"].tolist(),
+            rows["id"].tolist(),
+            record,
+            batch_size,
+            out / split,
+            f"{desc} {split}",
+            dtype,
+        )
+        speed[split] = {k: stats[split].pop(k) for k in ("seconds", "images_per_second")}
+    return stats, speed
+
+
+def _stored(values: np.ndarray, dtype: str, where: str) -> np.ndarray:
+    """``values`` as stored; float16 must hold them (|x| <= 65504), or the stage stops naming the value."""
+    if dtype == "float16":
+        peak = float(np.abs(values.astype(np.float32)).max(initial=0.0))
+        if not peak <= np.finfo(np.float16).max:
+            raise ValueError(
+                f"{where}: a value of magnitude {peak:g} does not fit float16 (largest 65504); store float32"
+            )
+    return values.astype(dtype)
+
+
+def report_bytes(folder: Path, splits: dict) -> int:
+    """Total bytes of a features folder's splits, printed per split (the disk a dataset's features take)."""
+    total = sum(stats["bytes"] for stats in splits.values())
+    sizes = ", ".join(f"{split} {stats['bytes'] / 1e6:.1f} MB" for split, stats in splits.items())
+    print(f"{folder.name.removesuffix('.partial')}: {total / 1e6:.1f} MB on disk ({sizes})")
+    return total
 
 
 def array_hashes(split_dir: Path) -> dict:

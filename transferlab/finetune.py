@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transferlab import backbones, features, layout, provenance, train
+from transferlab import backbones, cut, features, layout, provenance, train
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,8 @@ def plan(method: str, backbone: str, params: dict, features_meta: provenance.Fea
     """The plan for ``method`` on ``backbone`` given the checked params and its features' meta.json."""
     ft, ablation, head = params["finetune"], params["ablation"], params["head"]
     section = "train" if method == "frozen_end_to_end" else "finetune"
-    cfg = params[section]
+    # finetune_top records this backbone's cut point only: the stage depends on finetune.cut_point.<backbone> alone
+    cfg = params["train"] if section == "train" else {**ft, "cut_point": ft["cut_point"].get(backbone)}
     input_size = ablation["input_size"] or features_meta.input_size
     top = method == "finetune_top"
     return Plan(
@@ -52,7 +53,7 @@ def plan(method: str, backbone: str, params: dict, features_meta: provenance.Fea
         batch_size=ablation["batch_size"] or cfg["batch_size"],
         input_size=input_size,
         boundary=backbones.cut_boundary(backbones.get(backbone), ft["cut_point"].get(backbone, "")) if top else None,
-        cached=top and ablation["augmentation"] == "none" and input_size == features_meta.input_size,
+        cached=top and cut.images_needed(ablation, features_meta.input_size) is None,
         trained_head=top and ft["head_init"] == "trained",
     )
 

@@ -22,6 +22,7 @@ FINETUNE_METHODS = METHODS[1:]  # the finetune stage's methods: they train on im
 SPLIT = Path("data/split")
 WEIGHTS = Path("models/weights")
 FEATURES = Path("features")
+CUT = Path("cut")  # finetune_top's cached cut-point activations, per fine-tuned backbone
 RUNS = Path("runs")
 RESULTS = Path("results")
 EVAL = RESULTS / "eval"
@@ -69,6 +70,10 @@ def weights_dir(backbone: str) -> Path:
 
 def features_dir(backbone: str, preprocessing: str) -> Path:
     return FEATURES / pair(backbone, preprocessing)
+
+
+def cut_dir(backbone: str, preprocessing: str) -> Path:
+    return CUT / pair(backbone, preprocessing)
 
 
 def extract_speed(backbone: str, preprocessing: str) -> Path:

@@ -159,6 +159,7 @@ OPTIMIZERS = ("adam", "sgd")
 POOLINGS = ("avg", "flatten")
 DROPOUT_POSITIONS = ("after_dense", "before_dense")
 AUGMENTATIONS = ("none", "train", "train_and_val")
+CUT_DTYPES = ("float32", "float16")  # how cut-point activations are stored (transferlab.cut)
 
 # section -> key -> check. A key is required unless listed in OPTIONAL (value: its default).
 SCHEMA: dict[str, dict[str, Check]] = {
@@ -204,6 +205,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "preprocessing": variant,
         "methods": list_of(choice(*layout.FINETUNE_METHODS)),
         "cut_point": mapping(backbone, cut_point, keyed=True),
+        "cut_dtype": choice(*CUT_DTYPES),
         "epochs": integer(1),
         "batch_size": integer(1),
         "optimizer": choice(*OPTIMIZERS),
@@ -243,13 +245,11 @@ def _relations(p: dict) -> list[str]:
         problems.append("data.folder: must name the image tree when data.source is folder, got None")
     if "finetune" in p:
         ft = p["finetune"]
-        if "finetune_top" in ft["methods"]:
-            for name in ft["backbones"]:
-                if name not in ft["cut_point"]:
-                    problems.append(
-                        f"finetune.cut_point.{name}: missing; finetune_top needs a cut point "
-                        f"for every one of finetune.backbones"
-                    )
+        for name in ft["backbones"]:  # extract_cut@B and finetune@*-B depend on finetune.cut_point.B (dvc.yaml)
+            if name not in ft["cut_point"]:
+                problems.append(
+                    f"finetune.cut_point.{name}: missing; every one of finetune.backbones needs a cut point"
+                )
         if "extract" in p and ft["methods"]:  # fine-tuning reads that pair's features
             ex = p["extract"]
             for name in ft["backbones"]:

@@ -23,6 +23,7 @@ from transferlab import backbones, data, files, layout
 # Version 1 is the first versioned schema: records written before it have no schema_version.
 FEATURES_SCHEMA = 1
 RUN_SCHEMA = 1
+CUT_SCHEMA = 1
 
 # the fields that must agree between training and scoring
 CHECKED = (
@@ -90,8 +91,24 @@ class FeaturesRecord(Provenance):
     status: str  # the weights' status; "unavailable": nothing extracted
     batch_size: int
     versions: dict  # library versions that extracted the features
-    cut_boundary: str | None = None  # the layer whose activations are stored for finetune_top, if any
-    splits: dict = field(default_factory=dict)  # split -> rows, shapes and the sha256 of every file
+    splits: dict = field(default_factory=dict)  # split -> rows, shapes, bytes and the sha256 of every file
+    bytes: int = 0  # on disk, all splits
+
+
+@dataclass(frozen=True, kw_only=True)
+class CutRecord(Provenance):
+    """``cut/<pair>/meta.json``: finetune_top's cached activations at one boundary (transferlab.cut)."""
+
+    schema_version: int = CUT_SCHEMA
+    status: str  # written | not needed
+    reason: str | None = None  # why none were written
+    cut_point: str
+    boundary: str  # the layer whose output is stored
+    dtype: str  # float32 | float16, as stored
+    batch_size: int
+    versions: dict
+    splits: dict = field(default_factory=dict)
+    bytes: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,12 +136,16 @@ class RunRecord(Provenance):
     parity: Parity | None = None  # frozen_end_to_end
 
 
-Record = TypeVar("Record", FeaturesRecord, RunRecord)
+Record = TypeVar("Record", FeaturesRecord, RunRecord, CutRecord)
 _NESTED = {"weights": Weights, "parity": Parity}  # record fields holding a record of their own
-_KINDS = {FeaturesRecord: ("features record", FEATURES_SCHEMA), RunRecord: ("run record", RUN_SCHEMA)}
+_KINDS = {
+    FeaturesRecord: ("features record", FEATURES_SCHEMA),
+    RunRecord: ("run record", RUN_SCHEMA),
+    CutRecord: ("cut activations record", CUT_SCHEMA),
+}
 
 
-def write(record: FeaturesRecord | RunRecord, path) -> None:
+def write(record: FeaturesRecord | RunRecord | CutRecord, path) -> None:
     files.write_json(path, dataclasses.asdict(record))
 
 

