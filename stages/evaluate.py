@@ -66,6 +66,10 @@ def main() -> None:
     params = all_params["evaluate"]
     manifest = data.load_manifest()
     classes = data.load_classes()
+    try:
+        binary = data.binary_task(params["positive_classes"], classes)
+    except ValueError as error:
+        raise SystemExit(f"evaluate: {error}") from None
     by_id = manifest.set_index("id")
     runs, scored = [], []
     for run_dir in run_dirs(all_params):  # check and score everything first: a refusal logs nothing
@@ -80,7 +84,7 @@ def main() -> None:
     for run, run_dir, ids, labels, logits in scored:
         record, pred = run["record"], logits.argmax(1)
         groups = {c: by_id.loc[ids, c].to_numpy() for c in params["group_by"] if c in by_id}
-        run["metrics"] = metrics.compute(labels, pred, classes, groups, params["bootstrap"], params["seed"])
+        run["metrics"] = metrics.compute(labels, pred, classes, groups, params["bootstrap"], params["seed"], binary)
         run["history"] = pd.read_csv(run_dir / "history.csv")
         out = Path("results/eval") / record["run_name"]
         out.mkdir(parents=True, exist_ok=True)
