@@ -55,6 +55,10 @@ def main(all_params: dict) -> None:
     params = all_params["evaluate"]
     manifest = data.load_manifest()
     classes = data.load_classes()
+    try:
+        binary = data.binary_task(params["positive_classes"], classes)
+    except ValueError as error:
+        raise SystemExit(f"evaluate: {error}") from None
     by_id = manifest.set_index("id")
     runs, scored = [], []
     # Check and score everything first, so a refusal logs nothing. Only the runs the current params
@@ -72,7 +76,7 @@ def main(all_params: dict) -> None:
     for run, run_dir, ids, labels, logits in scored:
         record, pred = run["record"], logits.argmax(1)
         groups = {c: by_id.loc[ids, c].to_numpy() for c in params["group_by"] if c in by_id}
-        run["metrics"] = metrics.compute(labels, pred, classes, groups, params["bootstrap"], params["seed"])
+        run["metrics"] = metrics.compute(labels, pred, classes, groups, params["bootstrap"], params["seed"], binary)
         run["history"] = pd.read_csv(run_dir / layout.HISTORY)
         out = layout.eval_dir(record.run_name)
         out.mkdir(parents=True, exist_ok=True)

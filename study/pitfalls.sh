@@ -10,7 +10,7 @@
 #   RERUN=1 study/pitfalls.sh ...            replace experiments that exist (default: keep them, so an
 #                                            interrupted study resumes where it stopped); unchanged stages
 #                                            still come from DVC's run-cache
-#   STUDY_PARAMS="k=v k=v ..."               replace the study-wide settings below
+#   STUDY_PARAMS="k=v k=v ..."               replace the study-wide settings (study/pitfalls.yaml)
 #   NO_REPORT=1                              skip the report
 #
 # Experiments run one after another in the workspace. Each starts from the params.yaml the script
@@ -19,38 +19,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SEEDS=${SEEDS:-0 1 2}
-# Study-wide, the same for both arms of every comparison: fine-tune only EfficientNet-Lite0 (the
-# BatchNorm network with offline weights) and fewer epochs (defaults: 6 and 4), to keep the study near
-# an hour. ~45 min: STUDY_PARAMS="finetune.backbones=[efficientnet_lite0] train.epochs=2 finetune.epochs=2"
-# and leave out the bs1 control.
-# the BatchNorm network with offline weights, from the registry (has_batchnorm, offline_source)
-BN_NET=$(python -c 'from transferlab import backbones; print(backbones.offline_batchnorm())')
-STUDY_PARAMS=${STUDY_PARAMS:-finetune.backbones=[$BN_NET] train.epochs=3 finetune.epochs=2}
-DEFAULT_SETTINGS="correct bn-training bs1 bn-training-bs1 dropout-before-dense augment-train
-  augment-train-and-val head-random adam-1e-3 input-size-229"
-OPTIONAL_SETTINGS="vgg16-correct vgg16-input-size-160"  # VGG16 fine-tuning: +~6 min, re-extracts features
+# The settings, the study-wide params and the seeds are defined once, in study/pitfalls.yaml (which
+# study/pitfalls_report.py reads too): DEFAULT_SEEDS, DEFAULT_STUDY_PARAMS, DEFAULT_SETTINGS,
+# OPTIONAL_SETTINGS and SETTING_PARAMS (setting -> its params on top of the study-wide ones).
+settings_sh=$(python study/pitfalls_settings.py)
+eval "$settings_sh"
+SEEDS=${SEEDS:-$DEFAULT_SEEDS}
+STUDY_PARAMS=${STUDY_PARAMS:-$DEFAULT_STUDY_PARAMS}
 
-# The params that make each setting, on top of the study-wide ones. finetune.methods only selects
-# which stages run: settings that change both methods share one experiment per seed.
 setting_params() {
-  case $1 in
-    correct)               echo "finetune.methods=[frozen_end_to_end,finetune_top]" ;;
-    bn-training)           echo "finetune.methods=[frozen_end_to_end,finetune_top] ablation.bn_training=true" ;;
-    bs1)                   echo "finetune.methods=[frozen_end_to_end] ablation.batch_size=1" ;;
-    bn-training-bs1)       echo "finetune.methods=[frozen_end_to_end] ablation.bn_training=true" \
-                                "ablation.batch_size=1" ;;
-    dropout-before-dense)  echo "finetune.methods=[frozen_end_to_end] ablation.dropout_position=before_dense" ;;
-    augment-train)         echo "finetune.methods=[frozen_end_to_end,finetune_top] ablation.augmentation=train" ;;
-    augment-train-and-val) echo "finetune.methods=[finetune_top] ablation.augmentation=train_and_val" ;;
-    head-random)           echo "finetune.methods=[finetune_top] finetune.head_init=random" ;;
-    adam-1e-3)             echo "finetune.methods=[finetune_top] finetune.optimizer=adam" \
-                                "finetune.learning_rate=0.001" ;;
-    input-size-229)        echo "finetune.methods=[finetune_top] ablation.input_size=229" ;;
-    vgg16-correct)         echo "finetune.backbones=[vgg16] finetune.methods=[finetune_top]" ;;
-    vgg16-input-size-160)  echo "finetune.backbones=[vgg16] finetune.methods=[finetune_top] ablation.input_size=160" ;;
-    *) echo "unknown setting '$1'; known: $DEFAULT_SETTINGS $OPTIONAL_SETTINGS" >&2; return 1 ;;
-  esac
+  if [[ -z ${SETTING_PARAMS[$1]+set} ]]; then
+    echo "unknown setting '$1'; known: $DEFAULT_SETTINGS $OPTIONAL_SETTINGS" >&2
+    return 1
+  fi
+  echo "${SETTING_PARAMS[$1]}"
 }
 
 settings=${*:-$DEFAULT_SETTINGS}

@@ -35,6 +35,7 @@ from transferlab import report as tl_report
 from transferlab.tracking import flatten
 
 ROOT = Path(__file__).resolve().parents[1]
+STUDY = yaml.safe_load((ROOT / "study" / "pitfalls.yaml").read_text())  # the settings, seeds, study-wide params
 
 EXP_NAME = re.compile(r"^pitfall-(?P<setting>.+)-s(?P<seed>\d+)$")
 BN_NET = backbones.offline_batchnorm()  # the BatchNorm network with offline weights (from the registry)
@@ -217,7 +218,7 @@ def describe_changes(changes: dict) -> str:
 def command(setting: str, experiments: dict) -> str:
     """The exact commands that made this setting's experiments (from their params), and the shortcut."""
     seeds = sorted(e["seed"] for e in experiments.values() if e["setting"] == setting)
-    shortcut = f'SEEDS="{" ".join(map(str, seeds or [0, 1, 2]))}" study/pitfalls.sh {setting}'
+    shortcut = f'SEEDS="{" ".join(map(str, seeds or STUDY["seeds"]))}" study/pitfalls.sh {setting}'
     exp = next((e for e in experiments.values() if e["setting"] == setting), None)
     if exp is None:
         return f"{shortcut}    # not run yet"
@@ -889,7 +890,8 @@ def main(argv=None) -> None:
     parser.add_argument("--exp-json", help="read this saved `dvc exp show --json` output instead of running dvc")
     parser.add_argument("--all-commits", action="store_true", help="also experiments based on other commits")
     parser.add_argument("--no-experiments", action="store_true", help="item 4 only (no dvc needed)")
-    parser.add_argument("--seeds", default="0,1,2", help="seeds of the label-alignment heads (item 4)")
+    seeds = ",".join(map(str, STUDY["seeds"]))
+    parser.add_argument("--seeds", default=seeds, help="seeds of the label-alignment heads (item 4)")
     parser.add_argument("--features", default=str(ROOT / layout.FEATURES))
     parser.add_argument("--out", default=str(ROOT / "reports/pitfalls.md"))
     parser.add_argument("--plot", default=str(ROOT / "reports/pitfalls.png"))

@@ -93,6 +93,7 @@ def weights_identity(**fields):
         "top_available": False,
         "message": None,
         "keras_version": "3",
+        "licence": None,
     }
     return provenance.Weights(**{**identity, **fields})
 

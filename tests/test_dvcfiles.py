@@ -60,3 +60,38 @@ def test_one_flat_file_per_scored_run_and_nothing_stale(tmp_path):
     val = curves[(curves["run"] == "finetune_top/vgg16-native") & (curves["split"] == "val")]
     assert val["epoch"].tolist() == [1, 2] and val["accuracy"].tolist() == [0.4, 0.75]
     assert val["loss"].tolist() == [1.0, 0.8]
+
+
+def test_metrics_files_hold_every_figure_with_its_interval_and_the_groups_nested():
+    y_true, y_pred = np.array([0, 0, 1, 1, 2, 2]), np.array([0, 1, 1, 1, 2, 0])
+    m = metrics.compute(
+        y_true,
+        y_pred,
+        ["good", "cracked", "dark"],
+        {"cell type": list("mmppmp")},
+        binary={"positive_classes": ["dark"]},
+    )
+    flat = dvcfiles.run_metrics(run_record("train_head/vgg16-native", val_accuracy=0.5), m)
+    assert list(flat) == [*dvcfiles.KEYS, "cell_type"]  # a name DVC's dotted columns can hold
+    for figure, value, (lo, hi) in [
+        ("balanced_accuracy", m["balanced_accuracy"], m["balanced_accuracy_ci95"]),
+        ("macro_f1", m["macro_f1"], m["macro_f1_ci95"]),
+        (
+            "binary_accuracy",
+            5 / 6,
+            m["binary"]["accuracy_ci95"],
+        ),  # dark vs the rest: only the dark predicted good differs
+    ]:
+        assert flat[figure] == round(value, 4)
+        assert [flat[f"{figure}_ci95_lo"], flat[f"{figure}_ci95_hi"]] == [round(lo, 4), round(hi, 4)]
+    lo, hi = m["group_accuracy_ci95"]["cell type"]["m"]
+    assert flat["cell_type"]["m"] == {
+        "accuracy": round(2 / 3, 4),
+        "accuracy_ci95_lo": round(lo, 4),
+        "accuracy_ci95_hi": round(hi, 4),
+    }
+    skipped = dvcfiles.run_metrics(
+        run_record("train_head/vgg16-native"), metrics.compute(y_true, y_pred, ["good", "cracked", "dark"])
+    )
+    assert list(skipped) == list(dvcfiles.KEYS)  # the same keys, empty where there is no binary mapping
+    assert [skipped[f"binary_accuracy{end}"] for end in ("", "_ci95_lo", "_ci95_hi")] == [None, None, None]

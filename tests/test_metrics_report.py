@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from helpers import run_record, weights_identity
 
-from transferlab import metrics, provenance, report
+from transferlab import data, metrics, provenance, report
 
 # 9 examples, 4 classes. Class "unsure" is never predicted; class "ghost" has neither
 # support nor predictions, so both zero-division conventions are exercised.
@@ -88,6 +88,71 @@ def test_bootstrap_matches_explicit_resampling_of_examples():
     explicit = np.percentile(correct[idx].mean(axis=1), [2.5, 97.5])
     ci = metrics.compute(y_true, y_pred, ["a", "b"], bootstrap=20000)["accuracy_ci95"]
     np.testing.assert_allclose(ci, explicit, atol=0.006)
+
+
+def test_binary_accuracy_and_the_intervals_of_every_figure_by_hand():
+    """Binary accuracy maps the true and the predicted class alike; every figure has an interval around it."""
+    m = metrics.compute(Y_TRUE, Y_PRED, CLASSES, groups={"cell_type": CELL}, binary={"positive_classes": ["defective"]})
+    # positive (defective) vs the rest: true 0,0,0,0,1,1,1,0,0; predicted 0,0,0,1,0,1,1,0,1 -> 6 of 9 agree
+    assert m["binary"]["accuracy"] == pytest.approx(6 / 9) and m["binary"]["n_positive"] == 3
+    assert m["binary"]["positive_classes"] == ["defective"]
+    for figure in ("accuracy", "balanced_accuracy", "macro_f1"):
+        lo, hi = m[f"{figure}_ci95"]
+        assert 0 <= lo <= m[figure] <= hi <= 1, figure
+    lo, hi = m["binary"]["accuracy_ci95"]
+    assert lo < 6 / 9 < hi
+    for value, stats in m["group_accuracy"]["cell_type"].items():
+        lo, hi = m["group_accuracy_ci95"]["cell_type"][value]
+        assert lo <= stats["accuracy"] <= hi
+    assert metrics.compute(Y_TRUE, Y_PRED, CLASSES)["binary"] == {"skipped": "no positive classes given"}
+
+
+def test_elpv_binary_task_is_defect_probability_at_least_one_half():
+    """The literature's defective-vs-functional figure: a confusion between neighbours can be right in binary."""
+    task = data.binary_task("auto", list(data.ELPV_CLASSES))
+    assert task["positive_classes"] == ["likely_defective", "defective"]
+    # functional <-> possibly_defective and likely_defective <-> defective: 4-class 0, binary 1
+    m = metrics.compute([0, 1, 2, 3], [1, 0, 3, 2], list(data.ELPV_CLASSES), binary=task)
+    assert m["accuracy"] == 0.0 and m["binary"]["accuracy"] == 1.0
+    m = metrics.compute([0, 1, 2, 3], [2, 0, 3, 0], list(data.ELPV_CLASSES), binary=task)
+    assert m["binary"]["accuracy"] == 0.5  # functional -> likely, defective -> functional: two binary errors
+
+
+@pytest.mark.parametrize(
+    "setting, classes, expected",
+    [
+        ("auto", ["cat", "dog"], "evaluate.positive_classes is auto, which maps only ELPV's classes"),
+        (None, list(data.ELPV_CLASSES), "evaluate.positive_classes names no class"),
+        (["dog"], ["cat", "dog"], {"positive_classes": ["dog"], "rule": "positive: dog"}),
+    ],
+)
+def test_binary_task_for_other_datasets_is_a_list_or_skipped_with_the_reason(setting, classes, expected):
+    task = data.binary_task(setting, classes)
+    if isinstance(expected, dict):
+        assert task == expected
+    else:
+        assert task["skipped"].startswith(expected) and "positive_classes" not in task
+
+
+def test_binary_task_refuses_unknown_or_all_classes_naming_them():
+    with pytest.raises(ValueError, match=r"some, not all, of the classes \['cat', 'dog'\].*\(unknown: cow, pig\)"):
+        data.binary_task(["cow", "dog", "pig"], ["cat", "dog"])
+    with pytest.raises(ValueError, match="some, not all"):
+        data.binary_task(["cat", "dog"], ["cat", "dog"])
+
+
+def test_bootstrap_of_balanced_accuracy_and_macro_f1_matches_resampling_examples_with_sklearn():
+    """The multinomial draw of confusion-matrix cells is the bootstrap over examples, scored as sklearn does."""
+    skm = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(0)
+    y_true = rng.integers(0, 3, 300)
+    y_pred = np.where(rng.random(300) < 0.6, y_true, rng.integers(0, 3, 300))
+    m = metrics.compute(y_true, y_pred, list("abc"), bootstrap=20000)
+    idx = rng.integers(0, 300, size=(1000, 300))
+    balanced = [skm.balanced_accuracy_score(y_true[i], y_pred[i]) for i in idx]
+    f1 = [skm.f1_score(y_true[i], y_pred[i], labels=range(3), average="macro", zero_division=0) for i in idx]
+    np.testing.assert_allclose(m["balanced_accuracy_ci95"], np.percentile(balanced, [2.5, 97.5]), atol=0.01)
+    np.testing.assert_allclose(m["macro_f1_ci95"], np.percentile(f1, [2.5, 97.5]), atol=0.01)
 
 
 @pytest.mark.parametrize(
@@ -334,3 +399,30 @@ def test_learning_curves_share_separate_accuracy_and_loss_axes():
     assert len({ax.get_ylim() for ax in accuracy}) == 1 and len({ax.get_ylim() for ax in loss}) == 1
     assert loss[0].get_ylim()[1] >= 3.0 > accuracy[0].get_ylim()[1] >= 0.9  # loss up to 3, accuracy 0.4-0.9
     assert 0.3 < accuracy[0].get_ylim()[0] < 0.4  # scaled to the curves, not fixed at 0-1
+
+
+def test_report_shows_every_figure_with_its_interval_and_says_what_binary_maps(tmp_path):
+    runs = [r for r in sample_runs() if r["metrics"]]
+    task = {"positive_classes": ["defective"], "rule": "defective: defect probability >= 0.5"}
+    runs[0]["metrics"] = metrics.compute(
+        [0, 1, 1, 0], [0, 1, 0, 0], ["functional", "defective"], groups={"cell_type": list("xyxy")}, binary=task
+    )
+    df = report.table(runs)
+    row = df[df["run_name"] == runs[0]["record"].run_name].iloc[0]
+    assert row["binary_accuracy"] == 0.75 and row["binary_accuracy_lo"] <= 0.75 <= row["binary_accuracy_hi"]
+    assert (
+        row["accuracy[cell_type=x]"] == 0.5
+        and row["accuracy[cell_type=x]_lo"] <= 0.5 <= row["accuracy[cell_type=x]_hi"]
+    )
+    assert df["binary_accuracy"].isna().sum() == len(runs) - 1  # the others were scored without a mapping
+    md = report.markdown(df, runs)
+    header = next(line for line in md.splitlines() if line.startswith("| run |"))
+    for name in ("balanced acc. [95% CI]", "macro-F1 [95% CI]", "binary acc. [95% CI]", "acc.[cell_type=x] [95% CI]"):
+        assert f"| {name} |" in header
+    m = runs[0]["metrics"]
+    lo, hi = m["binary"]["accuracy_ci95"]
+    assert f"| 0.750 [{lo:.3f}, {hi:.3f}] |" in md
+    lo, hi = m["macro_f1_ci95"]
+    assert f"macro-F1 {m['macro_f1']:.3f} [{lo:.3f}, {hi:.3f}]" in md  # the audit too
+    assert "Binary accuracy: defective vs every other class (defective: defect probability >= 0.5)" in md
+    assert "Binary accuracy: not computed (no positive classes given)." in md

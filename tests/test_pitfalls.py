@@ -9,10 +9,13 @@ import importlib.util
 import math
 import re
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from helpers import ROOT
 
 from transferlab import features, files, layout
@@ -327,28 +330,56 @@ def test_pipeline_alignment_check_finds_misaligned_rows(tmp_path):
 # ---------------------------------------------------------------- the grid script
 
 
-def test_grid_script_dry_run_and_report_settings_agree():
-    out = subprocess.run(
-        ["bash", "study/pitfalls.sh"],
-        cwd=ROOT,
-        env={"DRY_RUN": "1", "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.splitlines()
+def grid_dry_run(*settings, **env):
+    """study/pitfalls.sh's commands, run nothing; python is this interpreter (the settings reader)."""
+    env = {"DRY_RUN": "1", "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", **env}
+    return subprocess.run(["bash", "study/pitfalls.sh", *settings], cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+def test_grid_script_runs_the_settings_of_the_one_settings_file():
+    """study/pitfalls.yaml defines the settings; the script's commands and the report's sections come from it."""
+    out = grid_dry_run().stdout.splitlines()
     names = [re.search(r"--name (\S+)", line)[1] for line in out]
     settings = sorted({n.rsplit("-s", 1)[0].removeprefix("pitfall-") for n in names})
     assert len(out) == 3 * len(settings) and {n[-3:] for n in names} == {"-s0", "-s1", "-s2"}
     assert all("-S train.seed=" in line and "finetune.backbones=\\[efficientnet_lite0\\]" in line for line in out)
-    script = (ROOT / "study" / "pitfalls.sh").read_text()
-    cases = set(re.findall(r"^\s+([a-z0-9-]+)\)\s+echo", script, re.M))
+    study = yaml.safe_load((ROOT / "study" / "pitfalls.yaml").read_text())
+    assert settings == sorted(set(study["settings"]) - set(study["optional"]))
     in_report = {s for s, *_ in pr.FROZEN} | {s for s, *_ in pr.FINETUNE}
-    assert in_report <= cases and set(settings) <= in_report
-    bad = subprocess.run(
-        ["bash", "study/pitfalls.sh", "no-such-setting"],
-        cwd=ROOT,
-        env={"DRY_RUN": "1", "PATH": "/usr/bin:/bin"},
+    assert in_report <= set(study["settings"]) and set(settings) <= in_report
+    assert pr.STUDY == study
+    bad = grid_dry_run("no-such-setting")
+    assert bad.returncode != 0 and "unknown setting" in bad.stderr
+    # every setting's params, formatted as `dvc exp run -S` takes them (a DVC params key, a YAML value)
+    (line, *_) = grid_dry_run("adam-1e-3").stdout.splitlines()
+    assert line.endswith(
+        "-S finetune.methods=\\[finetune_top\\] -S finetune.optimizer=adam -S finetune.learning_rate=0.001 "
+    ), line
+    seeds = grid_dry_run("bs1", SEEDS="7").stdout
+    assert seeds.count("--name pitfall-bs1-s7 ") == 1 and seeds.count("\n") == 1
+
+
+def test_settings_print_as_bash_and_refuse_an_undefined_optional_setting():
+    spec = importlib.util.spec_from_file_location("pitfalls_settings", ROOT / "study" / "pitfalls_settings.py")
+    ps = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ps)
+    study = {
+        "seeds": [0, 4],
+        "study_params": {"train.epochs": 3},
+        "settings": {"a": {"x.y": [1, "b"], "x.z": None}, "b": {"x.w": True}},
+        "optional": ["b"],
+    }
+    out = subprocess.run(
+        [
+            "bash",
+            "-c",
+            f"{ps.shell(study)}\n" + 'echo "$DEFAULT_SEEDS|$DEFAULT_STUDY_PARAMS|$DEFAULT_SETTINGS|'
+            '$OPTIONAL_SETTINGS|${SETTING_PARAMS[a]}|${SETTING_PARAMS[b]}"',
+        ],
         capture_output=True,
         text=True,
-    )
-    assert bad.returncode != 0 and "unknown setting" in bad.stderr
+        check=True,
+    ).stdout.strip()
+    assert out == "0 4|train.epochs=3|a|b|x.y=[1,b] x.z=null|x.w=true"
+    with pytest.raises(SystemExit, match="optional settings that are not defined: c"):
+        ps.shell({**study, "optional": ["c"]})

@@ -143,3 +143,27 @@ def test_one_group_run_holds_the_runs_and_the_report(store):
     for run in store["runs"]:
         row = next(line for line in md.splitlines() if line.startswith(f"| `{run['record'].run_name}`"))
         assert f"[MLflow]({ui}/{run['mlflow_run_id']}?workflowType=machine_learning)" in row
+
+
+def test_evaluation_logs_every_figure_with_its_interval(store):
+    client = store["client"]
+    for run in store["runs"][:2]:
+        m, logged = run["metrics"], client.get_run(run["mlflow_run_id"]).data.metrics
+        for figure in ("accuracy", "balanced_accuracy", "macro_f1"):
+            assert [logged[f"test_{figure}_ci95_lo"], logged[f"test_{figure}_ci95_hi"]] == pytest.approx(
+                m[f"{figure}_ci95"]
+            )
+        mono = "test_group_accuracy/cell_type/mono"
+        assert [logged[f"{mono}/ci95_lo"], logged[f"{mono}/ci95_hi"]] == pytest.approx(
+            m["group_accuracy_ci95"]["cell_type"]["mono"]
+        )
+        assert "test_binary_accuracy" not in logged  # these classes have no binary mapping
+
+
+def test_binary_accuracy_is_an_mlflow_metric_where_there_is_a_mapping():
+    from transferlab import metrics
+
+    m = metrics.compute([0, 1, 2, 2], [0, 2, 2, 1], ["a", "b", "c"], binary={"positive_classes": ["b", "c"]})
+    logged = tracking.evaluation_metrics(m)
+    assert logged["test_binary_accuracy"] == 1.0
+    assert [logged["test_binary_accuracy_ci95_lo"], logged["test_binary_accuracy_ci95_hi"]] == [1.0, 1.0]

@@ -69,6 +69,8 @@ ELPV_PACKAGE = "elpv-dataset"
 ELPV_CLASSES = ("functional", "possibly_defective", "likely_defective", "defective")
 # labels.csv gives the experts' defect probability; each value is one class
 ELPV_PROBABILITIES = (0.0, 1 / 3, 2 / 3, 1.0)
+# The ELPV literature's binary task (Deitsch et al. 2019): a cell is defective when its defect probability is >= 0.5
+ELPV_DEFECTIVE = tuple(c for c, p in zip(ELPV_CLASSES, ELPV_PROBABILITIES) if p >= 0.5)
 ELPV_INFO = {
     "licence": "CC BY-NC-SA 4.0",
     "url": "https://github.com/zae-bayern/elpv-dataset",
@@ -446,6 +448,30 @@ def _scan_elpv(root: Path) -> _Scan:
         package = ELPV_PACKAGE
     info = {"package": package, "labels": "labels.csv", **ELPV_INFO}
     return _Scan(root, list(ELPV_CLASSES), candidates, bad, info)
+
+
+def binary_task(setting, classes: list[str]) -> dict:
+    """The binary figure's positive classes (``evaluate.positive_classes``), or why there is none.
+
+    ``auto`` is ELPV's defective-vs-functional mapping (defect probability >= 0.5) when the classes are
+    ELPV's; a list names the positive classes of any dataset; null (or ``auto`` elsewhere) skips the
+    figure, saying why. Raises ValueError naming the bad names when a list does not fit ``classes``."""
+    if setting == "auto":
+        if list(classes) == list(ELPV_CLASSES):
+            return {"positive_classes": list(ELPV_DEFECTIVE), "rule": "defective: defect probability >= 0.5"}
+        return {
+            "skipped": "evaluate.positive_classes is auto, which maps only ELPV's classes; "
+            "list this dataset's positive classes there for a binary figure"
+        }
+    if not setting:
+        return {"skipped": "evaluate.positive_classes names no class"}
+    unknown = [c for c in setting if c not in classes]
+    if unknown or len(set(setting)) == len(classes):
+        raise ValueError(
+            f"evaluate.positive_classes: must name some, not all, of the classes {list(classes)}, got {list(setting)}"
+            + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+        )
+    return {"positive_classes": list(setting), "rule": "positive: " + ", ".join(setting)}
 
 
 def elpv_class(probability: str) -> int | None:

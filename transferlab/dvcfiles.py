@@ -12,6 +12,7 @@ names per run, for DVC's ``confusion`` template.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +21,13 @@ import pandas as pd
 from transferlab import files, layout
 from transferlab.provenance import RunRecord
 
-# Test metrics, the share of the largest test class (the floor any model must beat) and the
-# last-epoch validation accuracy the run was chosen on; rounded, so `dvc metrics diff` reads easily.
+# Test metrics, each with its bootstrap 95% interval (binary_accuracy None where the dataset has no binary
+# mapping), the share of the largest test class (the floor any model must beat) and the last-epoch validation
+# accuracy the run was chosen on; rounded, so `dvc metrics diff` reads easily. Accuracy per metadata group
+# (ELPV: cell type) follows, nested as <column>.<value>.accuracy[_ci95_lo|_hi].
+FIGURES = ("accuracy", "balanced_accuracy", "macro_f1", "binary_accuracy")
 KEYS = (
-    "accuracy",
-    "accuracy_ci95_lo",
-    "accuracy_ci95_hi",
-    "balanced_accuracy",
-    "macro_f1",
+    *(f"{figure}{end}" for figure in FIGURES for end in ("", "_ci95_lo", "_ci95_hi")),
     "majority_class_accuracy",
     "val_accuracy",
 )
@@ -35,10 +35,38 @@ DIGITS = 4
 
 
 def run_metrics(record: RunRecord, metrics: dict) -> dict:
-    """One scored run's flat metrics under KEYS (val_accuracy None if training did not record it)."""
-    lo, hi = metrics["accuracy_ci95"]
-    values = {**metrics, "accuracy_ci95_lo": lo, "accuracy_ci95_hi": hi, "val_accuracy": record.val_accuracy}
-    return {k: None if values[k] is None else round(float(values[k]), DIGITS) for k in KEYS}
+    """One scored run's flat metrics under KEYS (val_accuracy None if training did not record it), then
+    the group accuracies."""
+    binary = metrics.get("binary") or {}
+    values = {
+        **metrics,
+        "binary_accuracy": binary.get("accuracy"),
+        "binary_accuracy_ci95": binary.get("accuracy_ci95", [None, None]),
+        "val_accuracy": record.val_accuracy,
+    }
+    for figure in FIGURES:
+        values[f"{figure}_ci95_lo"], values[f"{figure}_ci95_hi"] = values[f"{figure}_ci95"]
+    out = {k: _round(values[k]) for k in KEYS}
+    for column, by_value in metrics["group_accuracy"].items():
+        ci = metrics["group_accuracy_ci95"][column]
+        out[_key(column)] = {
+            _key(value): {
+                "accuracy": _round(stats["accuracy"]),
+                "accuracy_ci95_lo": _round(ci[value][0]),
+                "accuracy_ci95_hi": _round(ci[value][1]),
+            }
+            for value, stats in by_value.items()
+        }
+    return out
+
+
+def _round(value) -> float | None:
+    return None if value is None else round(float(value), DIGITS)
+
+
+def _key(name: str) -> str:
+    """A group name DVC's dotted column names can hold."""
+    return re.sub(r"[^\w-]", "_", str(name))
 
 
 def curves(runs: list[dict]) -> pd.DataFrame:

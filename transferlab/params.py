@@ -153,6 +153,17 @@ def cut_point(name: str, value):
     return choice(*backbones.REGISTRY[name].cut_points)(value)
 
 
+def positive_classes(value):
+    """The binary figure's positive classes: auto (ELPV's), null (none) or class names, matched to the
+    dataset's classes when evaluate runs (transferlab.data.binary_task)."""
+    if value is None or value == "auto":
+        return value
+    try:
+        return list_of(text)(value)
+    except Invalid:
+        raise Invalid(f"must be auto, null or a list of class names, {_got(value)}") from None
+
+
 backbone = choice(*sorted(backbones.REGISTRY))
 variant = choice(*backbones.VARIANTS)
 OPTIMIZERS = ("adam", "sgd")
@@ -225,6 +236,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "seed": integer(),
         "group_by": list_of(text, allow_str=True),
         "batch_size": integer(1),  # images per batch when scoring the models trained on images
+        "positive_classes": positive_classes,
     },
     "compute": {
         "precision": choice(*precision.SETTINGS),  # auto: resolved per machine (transferlab.precision)
@@ -235,7 +247,12 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "alias": text,
     },
 }
-OPTIONAL = {("data", "folder"): None, ("data", "stratify_by"): [], ("evaluate", "group_by"): []}
+OPTIONAL = {
+    ("data", "folder"): None,
+    ("data", "stratify_by"): [],
+    ("evaluate", "group_by"): [],
+    ("evaluate", "positive_classes"): "auto",
+}
 
 
 def _relations(p: dict) -> list[str]:

@@ -57,6 +57,7 @@ class Weights:
     top_available: bool
     message: str | None  # why the weights are unavailable, or a note
     keras_version: str
+    licence: str | None  # of the pinned ImageNet weights (the registry's); None for any other file
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -29,6 +29,8 @@ UNAVAILABLE = "weights unavailable"
 NOT_PRETRAINED = "not pretrained"
 MISSING = "—"
 SORT_KEYS = ["backbone", "preprocessing", "method"]
+# the headline figures, each with its 95% interval (<figure>_lo, <figure>_hi); accuracy[<column>=<value>] follow
+FIGURES = ("accuracy", "balanced_accuracy", "macro_f1", "binary_accuracy")
 
 
 def weights_label(record: RunRecord) -> str:
@@ -53,7 +55,7 @@ def table(runs: list[dict]) -> pd.DataFrame:
     if duplicates:
         raise ValueError(f"run names must be unique; repeated: {duplicates}")
     rows = [_row(run) for run in runs]
-    group_columns = sorted({c for row in rows for c in row if c.startswith("accuracy[")})
+    group_columns = sorted({c for row in rows for c in row if _is_group(c)})
     columns = [
         "run_name",
         "backbone",
@@ -61,12 +63,7 @@ def table(runs: list[dict]) -> pd.DataFrame:
         "preprocessing",
         "precision",
         "weights",
-        "accuracy",
-        "accuracy_lo",
-        "accuracy_hi",
-        "balanced_accuracy",
-        "macro_f1",
-        *group_columns,
+        *(f"{figure}{end}" for figure in [*FIGURES, *group_columns] for end in ("", "_lo", "_hi")),
         "train_seconds",
         "preprocessing_fingerprint",
         "weights_checksum",
@@ -97,18 +94,23 @@ def _row(run: dict) -> dict:
         "manifest_sha256": _short(record.manifest_sha256),
     }
     if metrics:
-        lo, hi = metrics["accuracy_ci95"]
-        row.update(
-            accuracy=metrics["accuracy"],
-            accuracy_lo=lo,
-            accuracy_hi=hi,
-            balanced_accuracy=metrics["balanced_accuracy"],
-            macro_f1=metrics["macro_f1"],
-        )
+        binary = metrics.get("binary") or {}
+        figures = {k: (metrics[k], metrics[f"{k}_ci95"]) for k in ("accuracy", "balanced_accuracy", "macro_f1")}
+        if "accuracy" in binary:
+            figures["binary_accuracy"] = binary["accuracy"], binary["accuracy_ci95"]
         for column, values in (metrics.get("group_accuracy") or {}).items():
             for value, stats in values.items():
-                row[f"accuracy[{column}={value}]"] = stats["accuracy"]
+                figures[f"accuracy[{column}={value}]"] = (
+                    stats["accuracy"],
+                    metrics["group_accuracy_ci95"][column][value],
+                )
+        for name, (value, (lo, hi)) in figures.items():
+            row.update({name: value, f"{name}_lo": lo, f"{name}_hi": hi})
     return row
+
+
+def _is_group(column: str) -> bool:
+    return column.startswith("accuracy[") and column.endswith("]")
 
 
 def _short(digest: str | None, n: int = 12) -> str | None:
@@ -168,6 +170,7 @@ def markdown(df: pd.DataFrame, runs: list[dict], out_dir: Path = Path("."), mlfl
         *_links(mlflow_urls or {}),
         _markdown_table(df, runs, out_dir),
         "",
+        *_binary_note(runs),
         *_parity(runs),
         *_audit(runs),
     ]
@@ -196,7 +199,7 @@ def _run_links(run: dict, out_dir: Path) -> str:
 
 
 def _markdown_table(df: pd.DataFrame, runs: list[dict], out_dir: Path) -> str:
-    group_columns = [c for c in df.columns if c.startswith("accuracy[")]
+    group_columns = [c for c in df.columns if _is_group(c)]
     header = [
         "run",
         "backbone",
@@ -205,9 +208,10 @@ def _markdown_table(df: pd.DataFrame, runs: list[dict], out_dir: Path) -> str:
         "precision",
         "weights",
         "accuracy [95% CI]",
-        "balanced acc.",
-        "macro-F1",
-        *[c.replace("accuracy", "acc.", 1) for c in group_columns],
+        "balanced acc. [95% CI]",
+        "macro-F1 [95% CI]",
+        "binary acc. [95% CI]",
+        *[c.replace("accuracy", "acc.", 1) + " [95% CI]" for c in group_columns],
         "train s",
         "preprocessing fingerprint",
         "weights checksum",
@@ -219,18 +223,42 @@ def _markdown_table(df: pd.DataFrame, runs: list[dict], out_dir: Path) -> str:
         if pd.isna(r["accuracy"]):
             accuracy = UNAVAILABLE if r["weights"] == UNAVAILABLE else "no result"
         else:
-            accuracy = f"{r['accuracy']:.3f} [{r['accuracy_lo']:.3f}, {r['accuracy_hi']:.3f}]"
+            accuracy = _interval(r, "accuracy")
         cells = [
             f"`{r['run_name']}`",
             *[_text(r[c]) for c in ["backbone", "method", "preprocessing", "precision", "weights"]],
             accuracy,
-            *[_num(r[c]) for c in ["balanced_accuracy", "macro_f1", *group_columns]],
+            *[_interval(r, c) for c in ["balanced_accuracy", "macro_f1", "binary_accuracy", *group_columns]],
             _num(r["train_seconds"], 1),
             *[_code(r[c]) for c in ["preprocessing_fingerprint", "weights_checksum", "manifest_sha256"]],
             _run_links(run, out_dir),
         ]
         body.append(cells)
     return "\n".join(md_table(header, body))
+
+
+def _interval(row, figure: str) -> str:
+    """'0.781 [0.749, 0.811]': a figure and its 95% interval."""
+    if pd.isna(row[figure]):
+        return MISSING
+    return f"{row[figure]:.3f} [{row[f'{figure}_lo']:.3f}, {row[f'{figure}_hi']:.3f}]"
+
+
+def _binary_note(runs: list[dict]) -> list[str]:
+    """What the binary accuracy column maps, or why it is empty (one line per distinct mapping)."""
+    notes = []
+    for run in runs:
+        task = (run.get("metrics") or {}).get("binary")
+        if not task:
+            continue
+        if "positive_classes" in task:
+            notes.append(
+                f"Binary accuracy: {', '.join(task['positive_classes'])} vs every other class "
+                f"({task.get('rule', 'as listed')}), the true and the predicted class mapped alike."
+            )
+        else:
+            notes.append(f"Binary accuracy: not computed ({task.get('skipped', 'no positive classes given')}).")
+    return [*dict.fromkeys(notes), ""] if notes else []
 
 
 def md_table(header: list[str], rows: list[list]) -> list[str]:
@@ -289,12 +317,11 @@ def _audit_run(run: dict) -> list[str]:
     w = record.weights
     label = weights_label(record)
     if metrics:
-        lo, hi = metrics["accuracy_ci95"]
-        result = (
-            f"accuracy {metrics['accuracy']:.3f} [{lo:.3f}, {hi:.3f}], balanced accuracy "
-            f"{metrics['balanced_accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} "
-            f"on {metrics['n']} test images"
-        )
+        row = _row(run)
+        figures = [("accuracy", "accuracy"), ("balanced accuracy", "balanced_accuracy"), ("macro-F1", "macro_f1")]
+        figures += [("binary accuracy", "binary_accuracy")] if "binary_accuracy" in row else []
+        result = ", ".join(f"{words} {_interval(row, key)}" for words, key in figures)
+        result += f" on {metrics['n']} test images"
     else:
         result = f"none ({UNAVAILABLE})" if label == UNAVAILABLE else "none (no metrics recorded)"
     if label == UNAVAILABLE:

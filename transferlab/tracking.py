@@ -295,15 +295,23 @@ def run_exists(client: mlflow.MlflowClient, run_id: str | None) -> bool:
 
 
 def evaluation_metrics(m: dict) -> dict:
-    """Test metrics as MLflow metrics: overall, per class and per metadata group."""
+    """Test metrics as MLflow metrics: overall, per class and per metadata group, each headline
+    figure with its 95% interval (``_ci95_lo``/``_hi``); binary accuracy where the dataset has one."""
     values = {f"test_{k}": m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "majority_class_accuracy")}
-    values["test_accuracy_ci95_lo"], values["test_accuracy_ci95_hi"] = m["accuracy_ci95"]
+    for k in ("accuracy", "balanced_accuracy", "macro_f1"):
+        values[f"test_{k}_ci95_lo"], values[f"test_{k}_ci95_hi"] = m[f"{k}_ci95"]
+    binary = m.get("binary") or {}
+    if "accuracy" in binary:
+        values["test_binary_accuracy"] = binary["accuracy"]
+        values["test_binary_accuracy_ci95_lo"], values["test_binary_accuracy_ci95_hi"] = binary["accuracy_ci95"]
     for name, scores in m["per_class"].items():
         for k in ("precision", "recall"):
             values[f"test_{k}/{_key(name)}"] = scores[k]
     for column, groups in (m.get("group_accuracy") or {}).items():
         for value, stats in groups.items():
-            values[f"test_group_accuracy/{_key(column)}/{_key(value)}"] = stats["accuracy"]
+            key = f"test_group_accuracy/{_key(column)}/{_key(value)}"
+            values[key] = stats["accuracy"]
+            values[f"{key}/ci95_lo"], values[f"{key}/ci95_hi"] = m["group_accuracy_ci95"][column][value]
     return values
 
 
