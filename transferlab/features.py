@@ -153,7 +153,7 @@ def _stored(values: np.ndarray, dtype: str, where: str) -> np.ndarray:
     """``values`` as stored; float16 must hold them (|x| <= 65504), or the stage stops naming the value."""
     if dtype == "float16":
         peak = float(np.abs(values.astype(np.float32)).max(initial=0.0))
-        if not peak <= np.finfo(np.float16).max:
+        if not peak <= float(np.finfo(np.float16).max):  # as Python floats: no cast to float16
             raise ValueError(
                 f"{where}: a value of magnitude {peak:g} does not fit float16 (largest 65504); store float32"
             )
