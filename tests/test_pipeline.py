@@ -22,6 +22,8 @@ from helpers import ROOT, make_image_tree
 
 from transferlab import dvcfiles, precision
 
+pytestmark = pytest.mark.slow  # end to end: README, "Tests"
+
 RUNS = [
     "train_head/vgg16-native",
     "train_head/vgg16-rescale",
