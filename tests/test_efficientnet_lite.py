@@ -274,6 +274,7 @@ def test_selftest_on_reference_photos(lite0_top, tmp_path):
     assert coffee["rescale"]["expected_prob"] < coffee["native"]["expected_prob"] - 0.1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mixed_bfloat16", "mixed_float16"])
 def test_selftest_passes_under_mixed_precision(lite0_weights, lite0_top, name, tmp_path):
     """Real weights, reduced precision: the same top classes, probabilities within rounding."""

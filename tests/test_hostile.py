@@ -22,6 +22,8 @@ from PIL import Image
 
 from transferlab import data, features
 
+pytestmark = pytest.mark.slow  # end to end: README, "Tests"
+
 ODD_NAMES = ["c/my cat.png", "c/café ñ 猫.png", "b/two  spaces .png"]
 HEAD = "train_head/vgg16-native"
 

@@ -24,11 +24,14 @@ from transferlab import tracking
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (requirements-dev.txt)")
 BROWSER = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 DRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(
-    not (BROWSER and DRIVER),
-    reason="no headless browser: install Debian's chromium and "
-    "chromium-driver (apt-get install chromium chromium-driver; .ci/run does)",
-)
+pytestmark = [
+    pytest.mark.slow,  # an MLflow server and a browser: README, "Tests"
+    pytest.mark.skipif(
+        not (BROWSER and DRIVER),
+        reason="no headless browser: install Debian's chromium and "
+        "chromium-driver (apt-get install chromium chromium-driver; .ci/run does)",
+    ),
+]
 HEADS = ["train_head/resnet50-native", "train_head/vgg16-native", "train_head/vgg16-rescale"]
 
 

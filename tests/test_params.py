@@ -120,6 +120,7 @@ def test_missing_sections_and_keys_are_named():
     assert "\n  ablation: missing section" in str(error.value) and "\n  train.seed: missing" in str(error.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "stage, args",
     [

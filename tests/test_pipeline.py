@@ -22,6 +22,8 @@ from helpers import ROOT, make_image_tree
 
 from transferlab import dvcfiles, precision
 
+pytestmark = pytest.mark.slow  # end to end: README, "Tests"
+
 RUNS = [
     "train_head/vgg16-native",
     "train_head/vgg16-rescale",
@@ -235,6 +237,27 @@ def test_dvc_plots_group_the_curves_by_run_and_draw_a_confusion_matrix_per_run(r
     assert (repo / "results/train_head/vgg16-native/plots/metrics/eval/accuracy.tsv").exists()  # DVCLive's own files
     assert (repo / "results/extract_features/vgg16-native.json").exists()  # the extraction speed: a file
     assert (repo / "reports/plots/comparison.png").stat().st_size > 5000
+
+
+def test_binary_figure_is_skipped_with_its_reason_and_unknown_positive_classes_are_refused(repo):
+    """Folder classes a, b, c have no ELPV mapping: the report says why; a list naming a missing class stops."""
+    repo, env = repo
+    assert (
+        "Binary accuracy: not computed (evaluate.positive_classes is auto" in (repo / "reports/results.md").read_text()
+    )
+    params = (repo / "params.yaml").read_text()
+    try:
+        (repo / "params.yaml").write_text(params.replace("positive_classes: auto", "positive_classes: [b, zz]"))
+        out = subprocess.run(
+            [sys.executable, "stages/evaluate.py"], cwd=repo, env=env, capture_output=True, text=True, timeout=600
+        )
+    finally:
+        (repo / "params.yaml").write_text(params)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == (
+        "evaluate: evaluate.positive_classes: must name some, not all, of the classes ['a', 'b', 'c'], "
+        "got ['b', 'zz'] (unknown: zz)"
+    )
 
 
 def test_retraining_with_the_same_seed_gives_identical_metrics(repo):

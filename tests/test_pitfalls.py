@@ -282,6 +282,7 @@ def test_counted_labels_keep_counts_not_places():
     assert np.bincount(pr.counted_labels([3, 3, 0, 1])).tolist() == [1, 1, 0, 2]
 
 
+@pytest.mark.slow
 def test_label_alignment_on_synthetic_features():
     rng = np.random.default_rng(0)
     direction = rng.normal(size=8)

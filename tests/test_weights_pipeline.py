@@ -20,6 +20,8 @@ from helpers import ROOT, make_image_tree, pipeline_repo, private_weights_cache,
 
 from transferlab import backbones, train, weights
 
+pytestmark = pytest.mark.slow  # end to end: README, "Tests"
+
 UNVERIFIED = "user-supplied, unverified"
 
 
@@ -156,7 +158,6 @@ def _assert_parity_and_frozen_batchnorm(repo, name, size, boundary, user_model):
     assert changed and all(i >= above for i, _ in changed)
 
 
-@pytest.mark.slow
 def test_resnet50_from_a_user_file_runs_end_to_end(tmp_path):
     """32 px: ResNet50's smallest input (conv5 maps are 1x1); the test checks wiring and labels, not accuracy."""
     repo, env, user_file, user_model = _run_pipeline(tmp_path, "resnet50", 32, "conv5")
@@ -164,7 +165,6 @@ def test_resnet50_from_a_user_file_runs_end_to_end(tmp_path):
     _assert_parity_and_frozen_batchnorm(repo, "resnet50", 32, "conv4_block6_out", user_model)
 
 
-@pytest.mark.slow
 def test_inception_v3_from_a_user_file_runs_end_to_end(tmp_path):
     """75 px, not 299: Keras' smallest InceptionV3 input, at which mixed8/mixed9 still have 1x1 maps;
     299 px would cost ~16x the pixels for the same check of wiring and labels."""

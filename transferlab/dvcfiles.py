@@ -21,11 +21,13 @@ import pandas as pd
 from transferlab import files, layout
 from transferlab.provenance import RunRecord
 
-# Test metrics, each with its bootstrap 95% interval (binary_accuracy None where the dataset has no binary
-# mapping), the share of the largest test class (the floor any model must beat) and the last-epoch validation
-# accuracy the run was chosen on; rounded, so `dvc metrics diff` reads easily. Accuracy per metadata group
-# (ELPV: cell type) follows, nested as <column>.<value>.accuracy[_ci95_lo|_hi].
-FIGURES = ("accuracy", "balanced_accuracy", "macro_f1", "binary_accuracy")
+# Test metrics, each with its bootstrap 95% interval, the share of the largest test class (the floor any
+# model must beat) and the last-epoch validation accuracy the run was chosen on; rounded, so `dvc metrics diff`
+# reads easily. Where the dataset has a binary mapping (ELPV), binary_accuracy and its interval follow, and
+# the accuracy per metadata group (ELPV: cell type), nested as <column>.<value>.accuracy[_ci95_lo|_hi]: the
+# same for every run of one evaluation, so every file has the same keys. (A key left empty would not do:
+# `dvc metrics show` leaves out null values, so the files would differ.)
+FIGURES = ("accuracy", "balanced_accuracy", "macro_f1")
 KEYS = (
     *(f"{figure}{end}" for figure in FIGURES for end in ("", "_ci95_lo", "_ci95_hi")),
     "majority_class_accuracy",
@@ -36,17 +38,15 @@ DIGITS = 4
 
 def run_metrics(record: RunRecord, metrics: dict) -> dict:
     """One scored run's flat metrics under KEYS (val_accuracy None if training did not record it), then
-    the group accuracies."""
-    binary = metrics.get("binary") or {}
-    values = {
-        **metrics,
-        "binary_accuracy": binary.get("accuracy"),
-        "binary_accuracy_ci95": binary.get("accuracy_ci95", [None, None]),
-        "val_accuracy": record.val_accuracy,
-    }
+    the binary accuracy and the group accuracies where there are any."""
+    values = {**metrics, "val_accuracy": record.val_accuracy}
     for figure in FIGURES:
         values[f"{figure}_ci95_lo"], values[f"{figure}_ci95_hi"] = values[f"{figure}_ci95"]
     out = {k: _round(values[k]) for k in KEYS}
+    binary = metrics.get("binary") or {}
+    if "accuracy" in binary:
+        out["binary_accuracy"] = _round(binary["accuracy"])
+        out["binary_accuracy_ci95_lo"], out["binary_accuracy_ci95_hi"] = map(_round, binary["accuracy_ci95"])
     for column, by_value in metrics["group_accuracy"].items():
         ci = metrics["group_accuracy_ci95"][column]
         out[_key(column)] = {
