@@ -39,7 +39,7 @@ def test_logits(record: dict, run_dir: Path, manifest: pd.DataFrame, n_classes: 
         ids, labels, x = features.load_split(Path("features") / pair, "test", train.feature_output(head_cfg["pooling"]))
         with precision.policy(record.get("precision")):
             head = train.load_head(run_dir / "head.weights.h5", x.shape[1:], n_classes, head_cfg)
-        return ids, labels, head.predict(x, verbose=0)
+        return ids, labels, train.predict_logits(head, train.feature_dataset(x, labels, 32))  # streamed
     provenance.check_current(record)
     with precision.policy(record.get("precision")):
         base = backbones.get(record["backbone"]).build(False, None, record["input_size"])

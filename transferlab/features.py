@@ -123,8 +123,12 @@ def array_hashes(split_dir: Path) -> dict:
     return {p.name: files.sha256_file(p) for p in sorted(Path(split_dir).iterdir()) if p.is_file()}
 
 
-def load_split(features_dir: Path, split: str, output: str = "pooled", mmap: bool = False):
-    """(ids, labels, features) for one split, aligned row for row, after checking their recorded sha256."""
+def load_split(features_dir: Path, split: str, output: str = "pooled"):
+    """(ids, labels, features) for one split, aligned row for row, after checking their recorded sha256.
+
+    The features are a read-only memory map, never loaded whole (the hashes are streamed too):
+    train.feature_dataset reads them batch by batch, so memory does not grow with the dataset.
+    """
     d = Path(features_dir) / split
     meta_path = Path(features_dir) / "meta.json"
     recorded = files.read_json(meta_path).get("splits", {}).get(split, {}).get("sha256", {})
@@ -141,7 +145,7 @@ def load_split(features_dir: Path, split: str, output: str = "pooled", mmap: boo
             )
     ids = files.read_json(d / IDS)
     labels = np.load(d / "labels.npy")
-    x = np.load(d / f"{output}.npy", mmap_mode="r" if mmap else None)
+    x = np.load(d / f"{output}.npy", mmap_mode="r")
     if not len(ids) == len(labels) == len(x):
         raise ValueError(f"{d}: ids, labels and {output} differ in length ({len(ids)}, {len(labels)}, {len(x)})")
     return ids, labels, x
