@@ -99,7 +99,7 @@ def workspace(repo: Path, code: Path, images: Path, args) -> list[str]:
     )
     listed = subprocess.run(["dvc", "stage", "list", "--name-only"], cwd=repo, check=True, capture_output=True)
     stages = listed.stdout.decode().split()
-    return stages[: stages.index("evaluate") + 1]
+    return stages[: stages.index(args.until) + 1]
 
 
 def run_stage(name: str, repo: Path, env: dict, log: Path, force: bool = False) -> dict:
@@ -203,6 +203,7 @@ def main(argv=None) -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--classes", type=int, default=4)
     parser.add_argument("--image-size", type=int, default=160)
+    parser.add_argument("--until", default="evaluate", help="the last stage run (e.g. split to measure the split)")
     parser.add_argument("--tmp", default=None, help="where the temporary folders go (default: the system's)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folders (for debugging)")
     parser.add_argument("--json", type=Path, help="also write the measurements here")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from transferlab import precision, train
+from transferlab import features, precision, train
 
 HEAD = {"units": 16, "dropout": 0.5, "dropout_position": "after_dense", "pooling": "avg"}
 CFG = {"seed": 0, "epochs": 3, "batch_size": 8, "optimizer": "adam", "learning_rate": 1e-2, "momentum": 0.9}
@@ -97,3 +97,27 @@ def test_memory_stays_flat_while_streaming(tmp_path):
     assert total == n * width
     grown = resident_bytes() - before
     assert grown < 24 * 2**20, f"resident memory grew by {grown / 2**20:.0f} MiB reading a 64 MiB array"
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (7, 5), (5, 2, 2, 3)])
+def test_row_writer_writes_the_bytes_of_np_save_and_of_a_memory_map(tmp_path, shape):
+    """Extraction's files (and so their sha256 in meta.json, and DVC's cache) are what they were."""
+    x = np.random.default_rng(0).normal(size=shape).astype("float32")
+    writer = features.RowWriter(tmp_path / "rows.npy", x.shape)
+    for start in range(0, len(x), 3):
+        writer.write(x[start : start + 3])
+    writer.close()
+    np.save(tmp_path / "saved.npy", x)
+    mapped = np.lib.format.open_memmap(tmp_path / "mapped.npy", mode="w+", dtype=np.float32, shape=x.shape)
+    mapped[:] = x
+    mapped.flush()
+    del mapped
+    rows = (tmp_path / "rows.npy").read_bytes()
+    assert rows == (tmp_path / "saved.npy").read_bytes() == (tmp_path / "mapped.npy").read_bytes()
+
+
+def test_row_writer_refuses_a_short_file(tmp_path):
+    writer = features.RowWriter(tmp_path / "rows.npy", (4, 2))
+    writer.write(np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="3 rows written, 4 expected"):
+        writer.close()

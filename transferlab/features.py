@@ -2,9 +2,9 @@
 
 One ``tf.data`` pipeline feeds every consumer (extraction, end-to-end training,
 evaluation), so the pixels a model sees depend only on the preprocessing record.
-Extraction streams batches into memory-mapped ``.npy`` files: memory stays flat
-whatever the dataset's size, and rows stay aligned with ids and labels by
-construction (the pipeline is ordered; ids and labels are written from the manifest).
+Extraction appends batches to ``.npy`` files and training reads them back through memory maps,
+batch by batch: memory stays flat whatever the dataset's size, and rows stay aligned with ids
+and labels by construction (the pipeline is ordered; ids and labels are written from the manifest).
 Ids are stored as a JSON list, so any file name (spaces, Unicode, newlines) round-trips,
 and every array's sha256 goes into the features' ``meta.json``: :func:`load_split` refuses
 an array that changed after extraction.
@@ -91,24 +91,17 @@ def extract_split(model, paths, labels, ids, record: dict, batch_size: int, out_
     files.write_json(out_dir / IDS, [str(i) for i in ids])
     np.save(out_dir / "labels.npy", np.asarray(labels, np.int64))
     n = len(paths)
-    arrays = {
-        name: np.lib.format.open_memmap(
-            out_dir / f"{name}.npy", mode="w+", dtype=np.float32, shape=(n, *tensor.shape[1:])
-        )
-        for name, tensor in model.output.items()
-    }
+    arrays = {name: RowWriter(out_dir / f"{name}.npy", (n, *tensor.shape[1:])) for name, tensor in model.output.items()}
     forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True, autograph=False)
-    start, row = time.perf_counter(), 0
+    start = time.perf_counter()
     with tqdm(total=n, desc=desc, unit="img") as bar:
         for images, _ in image_dataset(paths, labels, record, batch_size):
             for name, value in forward(images).items():
-                arrays[name][row : row + len(images)] = value.numpy()
-            row += len(images)
+                arrays[name].write(value.numpy())
             bar.update(len(images))
     for array in arrays.values():
-        array.flush()
+        array.close()
     seconds = time.perf_counter() - start
-    del arrays  # close the memory maps before hashing the files
     return {
         "n": n,
         "seconds": round(seconds, 2),
@@ -116,6 +109,29 @@ def extract_split(model, paths, labels, ids, record: dict, batch_size: int, out_
         "shapes": {k: list(v.shape[1:]) for k, v in model.output.items()},
         "sha256": array_hashes(out_dir),
     }
+
+
+class RowWriter:
+    """A .npy file of known shape, written row block by row block in order.
+
+    Plain appends instead of a writable memory map: a map keeps every page written resident in the
+    process until it is closed, so memory would grow with the dataset. The bytes are np.save's.
+    """
+
+    def __init__(self, path: Path, shape: tuple, dtype=np.float32):
+        self.path, self.shape, self.dtype, self.rows = path, tuple(shape), np.dtype(dtype), 0
+        self.file = open(path, "wb")  # noqa: SIM115 - closed by close()
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape}
+        np.lib.format.write_array_header_1_0(self.file, header)
+
+    def write(self, rows: np.ndarray) -> None:
+        self.file.write(np.ascontiguousarray(rows, self.dtype).tobytes())
+        self.rows += len(rows)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.rows != self.shape[0]:
+            raise ValueError(f"{self.path}: {self.rows} rows written, {self.shape[0]} expected")
 
 
 def array_hashes(split_dir: Path) -> dict:
