@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from helpers import make_image_tree
 
-from transferlab import data, files
+from transferlab import data
 
 
 def params(root, **overrides) -> dict:
@@ -71,7 +71,9 @@ def test_a_changed_file_is_checked_again_even_with_its_old_size_and_mtime(tree, 
 def test_a_damaged_cache_is_ignored(tree, tmp_path, opened):
     first = written(data.make_split(params(tree)), tmp_path / "first")
     (cache,) = (tmp_path / "cache" / "split").glob("*.json")
-    cache.write_text(cache.read_text().replace('"height": 16', '"height": 17', 1))  # checksum no longer matches
+    text = cache.read_text()
+    assert '"height":16' in text
+    cache.write_text(text.replace('"height":16', '"height":17', 1))  # its checksum no longer matches
     opened.clear()
     assert written(data.make_split(params(tree)), tmp_path / "again") == first
     assert len(opened) == 24
@@ -87,7 +89,7 @@ def test_recent_files_are_not_cached(tree, tmp_path, opened, monkeypatch):
 
 def test_concurrent_writers_leave_one_whole_cache(tmp_path):
     path = tmp_path / "split" / "x.json"
-    versions = [{f"f{i}": {"stat": [i, 0, 0, 0], "result": "x" * 50_000}} for i in range(8)]
+    versions = [{f"f{i}": [i, 0, 0, 0, "x" * 50_000]} for i in range(8)]
     threads = [threading.Thread(target=data._write_cache, args=(path, v)) for v in versions for _ in range(3)]
     for thread in threads:
         thread.start()
@@ -100,5 +102,5 @@ def test_concurrent_writers_leave_one_whole_cache(tmp_path):
 def test_cache_lives_under_transferlab_cache(tree, tmp_path):
     data.make_split(params(tree))
     (cache,) = (tmp_path / "cache" / "split").glob("*.json")
-    entries = files.read_json(cache)["entries"]
+    entries = data._read_cache(cache)
     assert sorted(entries) == sorted(p.relative_to(tree).as_posix() for p in tree.rglob("*.png"))

@@ -254,13 +254,14 @@ def assign_splits(frame: pd.DataFrame, stratify_by: list[str], test_fraction, va
     units: dict[str, list] = {}  # sha256 -> row labels, in id order
     for label, digest in frame.sort_values("id")["sha256"].items():
         units.setdefault(digest, []).append(label)
+    # plain dicts, not per-row pandas lookups: those made this the slowest part of a 100k-image split
+    values = {column: frame[column].to_dict() for column in {"id", "class_name", *stratify_by}}
     strata: dict[str, dict[tuple, list]] = {}  # class -> stratum -> units
     for labels in units.values():
-        first = frame.loc[labels[0]]
-        key = tuple(str(first[column]) for column in stratify_by)
-        strata.setdefault(first["class_name"], {}).setdefault(key, []).append(labels)
+        key = tuple(str(values[column][labels[0]]) for column in stratify_by)
+        strata.setdefault(values["class_name"][labels[0]], {}).setdefault(key, []).append(labels)
 
-    split = pd.Series("train", index=frame.index, dtype=object)
+    chosen: dict = {}  # row label -> split name
     for class_strata in strata.values():
         keys = sorted(class_strata)
         sizes = [sum(len(unit) for unit in class_strata[key]) for key in keys]
@@ -269,12 +270,12 @@ def assign_splits(frame: pd.DataFrame, stratify_by: list[str], test_fraction, va
         val_quota = _apportion([n - q for n, q in zip(sizes, test_quota)], v, n_val)
         for key, quota_test, quota_val in zip(keys, test_quota, val_quota):
             taken = {"test": 0, "val": 0}
-            for labels in sorted(class_strata[key], key=lambda u: _order_key(seed, frame.at[u[0], "id"])):
+            for labels in sorted(class_strata[key], key=lambda u: _order_key(seed, values["id"][u[0]])):
                 name = "test" if taken["test"] < quota_test else "val" if taken["val"] < quota_val else "train"
                 if name != "train":
                     taken[name] += len(labels)
-                split.loc[labels] = name
-    return split
+                chosen.update(dict.fromkeys(labels, name))
+    return pd.Series([chosen[label] for label in frame.index], index=frame.index, dtype=object)
 
 
 def inspect_image(path: str | os.PathLike) -> dict:
@@ -512,7 +513,7 @@ def _inspect_all(root: Path, candidates) -> list[dict | str]:
         with contextlib.suppress(OSError):  # inspect_image says why the file cannot be read
             st = os.stat(root / path)
             stats[path] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-    todo = [p for p, _, _ in candidates if p not in stats or cached.get(p, {}).get("stat") != stats[p]]
+    todo = [p for p, _, _ in candidates if p not in stats or cached.get(p, [None])[:4] != stats[p]]
     with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) * 4)) as pool:
         fresh = dict(
             zip(
@@ -525,10 +526,10 @@ def _inspect_all(root: Path, candidates) -> list[dict | str]:
                 ),
             )
         )
-    results = [fresh[p] if p in fresh else cached[p]["result"] for p, _, _ in candidates]
+    results = [fresh[p] if p in fresh else cached[p][4] for p, _, _ in candidates]
     settled = started_ns - RACY_NS
     entries = {
-        p: {"stat": stats[p], "result": result}
+        p: [*stats[p], result]
         for (p, _, _), result in zip(candidates, results)
         if p in stats and stats[p][1] < settled and stats[p][2] < settled
     }
@@ -548,13 +549,13 @@ def _cache_file(root: Path) -> Path:
 
 
 def _read_cache(path: Path) -> dict:
-    """The cached entries, or none when the file is missing or fails its own checksum (damaged)."""
+    """path -> [size, mtime_ns, ctime_ns, inode, result], or nothing when the file is missing or fails its
+    checksum (its first line is the sha256 of the second, the entries as JSON)."""
     try:
-        stored = json.loads(path.read_text())
-        entries = stored["entries"]
-        if stored["entries_sha256"] == _entries_sha256(entries):
-            return entries
-    except (OSError, ValueError, KeyError, TypeError):
+        checksum, _, payload = path.read_bytes().partition(b"\n")
+        if checksum.decode() == hashlib.sha256(payload).hexdigest():
+            return json.loads(payload)
+    except (OSError, ValueError):
         pass
     return {}
 
@@ -562,19 +563,16 @@ def _read_cache(path: Path) -> dict:
 def _write_cache(path: Path, entries: dict) -> None:
     """Replace the cache atomically under a unique scratch name: concurrent splits each leave a whole file.
     A cache that cannot be written only costs time next run, so it is reported, not fatal."""
+    payload = json.dumps(entries, separators=(",", ":")).encode()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as out:
-            json.dump({"entries_sha256": _entries_sha256(entries), "entries": entries}, out)
+        with tempfile.NamedTemporaryFile("wb", dir=path.parent, suffix=".tmp", delete=False) as out:
+            out.write(hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
         os.replace(out.name, path)
     except OSError as error:
         print(f"split: cannot write the file cache {path} ({error}); all are read again next time", file=sys.stderr)
         with contextlib.suppress(OSError, NameError):
             os.unlink(out.name)
-
-
-def _entries_sha256(entries: dict) -> str:
-    return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
 
 
 def _drop_label_conflicts(rows: list[dict], bad) -> list[dict]:
