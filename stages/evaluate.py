@@ -38,7 +38,7 @@ def test_logits(record: provenance.RunRecord, run_dir, manifest: pd.DataFrame, n
         ids, labels, x = features.load_split(features_dir, "test", train.feature_output(head_cfg["pooling"]))
         with precision.policy(record.precision):
             head = train.load_head(run_dir / layout.HEAD_WEIGHTS, x.shape[1:], n_classes, head_cfg)
-        return ids, labels, head.predict(x, verbose=0)
+        return ids, labels, train.predict_logits(head, train.feature_dataset(x, labels, batch_size))  # streamed
     provenance.check_current(record)
     with precision.policy(record.precision):
         base = backbones.get(record.backbone).build(False, None, record.input_size)

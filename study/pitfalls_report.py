@@ -473,7 +473,7 @@ def pipeline_alignment(features_dir: Path, manifest: pd.DataFrame) -> dict:
 
     out = {}
     for split in features.SPLITS:
-        ids, labels, x = features.load_split(features_dir, split, mmap=True)
+        ids, labels, x = features.load_split(features_dir, split)
         rows = manifest[manifest["split"] == split]
         out[split] = {
             "rows": len(ids),

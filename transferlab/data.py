@@ -43,13 +43,18 @@ every split, is always an error: leaving it out would silently change the task.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
 import io
+import json
 import math
 import os
 import struct
+import sys
+import tempfile
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -57,10 +62,11 @@ from fractions import Fraction
 from pathlib import Path, PurePosixPath
 
 import pandas as pd
+import PIL
 from PIL import Image, ImageFile, UnidentifiedImageError
 from tqdm import tqdm
 
-from transferlab import files, layout
+from transferlab import files, images, layout
 from transferlab.images import CONVERSIONS, open_rgb
 
 SPLITS = ("train", "val", "test")
@@ -82,6 +88,8 @@ ELPV_INFO = {
 _PNG_END = b"IEND\xaeB`\x82"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 OUTSIDE_NOTE = "symlink to a file outside the data folder"
+# a file changed this shortly before a split may change again without its mtime moving: never cached
+RACY_NS = 2 * 10**9
 
 MANIFEST_COLUMNS = [
     "id",
@@ -248,13 +256,14 @@ def assign_splits(frame: pd.DataFrame, stratify_by: list[str], test_fraction, va
     units: dict[str, list] = {}  # sha256 -> row labels, in id order
     for label, digest in frame.sort_values("id")["sha256"].items():
         units.setdefault(digest, []).append(label)
+    # plain dicts, not per-row pandas lookups: those made this the slowest part of a 100k-image split
+    values = {column: frame[column].to_dict() for column in {"id", "class_name", *stratify_by}}
     strata: dict[str, dict[tuple, list]] = {}  # class -> stratum -> units
     for labels in units.values():
-        first = frame.loc[labels[0]]
-        key = tuple(str(first[column]) for column in stratify_by)
-        strata.setdefault(first["class_name"], {}).setdefault(key, []).append(labels)
+        key = tuple(str(values[column][labels[0]]) for column in stratify_by)
+        strata.setdefault(values["class_name"][labels[0]], {}).setdefault(key, []).append(labels)
 
-    split = pd.Series("train", index=frame.index, dtype=object)
+    chosen: dict = {}  # row label -> split name
     for class_strata in strata.values():
         keys = sorted(class_strata)
         sizes = [sum(len(unit) for unit in class_strata[key]) for key in keys]
@@ -263,12 +272,12 @@ def assign_splits(frame: pd.DataFrame, stratify_by: list[str], test_fraction, va
         val_quota = _apportion([n - q for n, q in zip(sizes, test_quota)], v, n_val)
         for key, quota_test, quota_val in zip(keys, test_quota, val_quota):
             taken = {"test": 0, "val": 0}
-            for labels in sorted(class_strata[key], key=lambda u: _order_key(seed, frame.at[u[0], "id"])):
+            for labels in sorted(class_strata[key], key=lambda u: _order_key(seed, values["id"][u[0]])):
                 name = "test" if taken["test"] < quota_test else "val" if taken["val"] < quota_val else "train"
                 if name != "train":
                     taken[name] += len(labels)
-                split.loc[labels] = name
-    return split
+                chosen.update(dict.fromkeys(labels, name))
+    return pd.Series([chosen[label] for label in frame.index], index=frame.index, dtype=object)
 
 
 def inspect_image(path: str | os.PathLike) -> dict:
@@ -511,7 +520,11 @@ def _drop_colliding_ids(candidates, bad):
 
 
 def _inspect_all(root: Path, candidates) -> list[dict | str]:
-    """inspect_image for every candidate in a thread pool (Pillow and hashlib release the GIL)."""
+    """inspect_image for every candidate, reusing earlier results for files unchanged since (see _cache_file).
+
+    New and changed files are checked in a thread pool: Pillow's decoders, hashlib and zlib release the GIL,
+    so the threads use every core without pickling results between processes.
+    """
 
     def check(path):
         try:
@@ -519,16 +532,74 @@ def _inspect_all(root: Path, candidates) -> list[dict | str]:
         except BadFile as reason:
             return str(reason)
 
+    started_ns = time.time_ns()
+    cache_file = _cache_file(root)
+    cached = _read_cache(cache_file)
+    stats = {}
+    for path, _, _ in candidates:
+        with contextlib.suppress(OSError):  # inspect_image says why the file cannot be read
+            st = os.stat(root / path)
+            stats[path] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    todo = [p for p, _, _ in candidates if p not in stats or cached.get(p, [None])[:4] != stats[p]]
     with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) * 4)) as pool:
-        return list(
-            tqdm(
-                pool.map(check, [path for path, _, _ in candidates]),
-                total=len(candidates),
-                desc="split: hash + decode",
-                unit="img",
-                disable=None,
+        fresh = dict(
+            zip(
+                todo,
+                tqdm(
+                    pool.map(check, todo),
+                    total=len(todo),
+                    desc=f"split: hash + decode ({len(candidates) - len(todo)} unchanged files from the cache)",
+                    unit="img",
+                ),
             )
         )
+    results = [fresh[p] if p in fresh else cached[p][4] for p, _, _ in candidates]
+    settled = started_ns - RACY_NS
+    entries = {
+        p: [*stats[p], result]
+        for (p, _, _), result in zip(candidates, results)
+        if p in stats and stats[p][1] < settled and stats[p][2] < settled
+    }
+    if entries != cached:
+        _write_cache(cache_file, entries)
+    return results
+
+
+def _cache_file(root: Path) -> Path:
+    """Where inspect_image's results for this root are kept between splits: under the machine's cache, since
+    DVC deletes data/split before re-running the stage. Keyed by the root and by the checks' version (this
+    module's and images.py's code, Pillow's version), so changed checks never reuse old results; an entry is
+    reused only while its file's (size, mtime_ns, ctime_ns, inode) are unchanged."""
+    version = [str(root), PIL.__version__, *(files.sha256_file(f) for f in (__file__, images.__file__))]
+    key = hashlib.sha256(json.dumps(version).encode()).hexdigest()[:32]
+    return files.cache_dir() / "split" / f"{key}.json"
+
+
+def _read_cache(path: Path) -> dict:
+    """path -> [size, mtime_ns, ctime_ns, inode, result], or nothing when the file is missing or fails its
+    checksum (its first line is the sha256 of the second, the entries as JSON)."""
+    try:
+        checksum, _, payload = path.read_bytes().partition(b"\n")
+        if checksum.decode() == hashlib.sha256(payload).hexdigest():
+            return json.loads(payload)
+    except (OSError, ValueError):
+        pass
+    return {}
+
+
+def _write_cache(path: Path, entries: dict) -> None:
+    """Replace the cache atomically under a unique scratch name: concurrent splits each leave a whole file.
+    A cache that cannot be written only costs time next run, so it is reported, not fatal."""
+    payload = json.dumps(entries, separators=(",", ":")).encode()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("wb", dir=path.parent, suffix=".tmp", delete=False) as out:
+            out.write(hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+        os.replace(out.name, path)
+    except OSError as error:
+        print(f"split: cannot write the file cache {path} ({error}); all are read again next time", file=sys.stderr)
+        with contextlib.suppress(OSError, NameError):
+            os.unlink(out.name)
 
 
 def _drop_label_conflicts(rows: list[dict], bad) -> list[dict]:

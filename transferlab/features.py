@@ -2,9 +2,9 @@
 
 One ``tf.data`` pipeline feeds every consumer (extraction, end-to-end training,
 evaluation), so the pixels a model sees depend only on the preprocessing record.
-Extraction streams batches into memory-mapped ``.npy`` files: memory stays flat
-whatever the dataset's size, and rows stay aligned with ids and labels by
-construction (the pipeline is ordered; ids and labels are written from the manifest).
+Extraction appends batches to ``.npy`` files and training reads them back through memory maps,
+batch by batch: memory stays flat whatever the dataset's size, and rows stay aligned with ids
+and labels by construction (the pipeline is ordered; ids and labels are written from the manifest).
 Ids are stored as a JSON list, so any file name (spaces, Unicode, newlines) round-trips,
 and every array's sha256 goes into the features' ``meta.json``: :func:`load_split` refuses
 an array that changed after extraction.
@@ -102,21 +102,18 @@ def extract_split(
     np.save(out_dir / "labels.npy", np.asarray(labels, np.int64))
     n = len(paths)
     arrays = {
-        name: np.lib.format.open_memmap(out_dir / f"{name}.npy", mode="w+", dtype=dtype, shape=(n, *tensor.shape[1:]))
-        for name, tensor in model.output.items()
+        name: RowWriter(out_dir / f"{name}.npy", (n, *tensor.shape[1:]), dtype) for name, tensor in model.output.items()
     }
     forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True, autograph=False)
-    start, row = time.perf_counter(), 0
+    start = time.perf_counter()
     with tqdm(total=n, desc=desc, unit="img") as bar:
         for images, _ in image_dataset(paths, labels, record, batch_size):
             for name, value in forward(images).items():
-                arrays[name][row : row + len(images)] = _stored(value.numpy(), dtype, f"{desc} {name}")
-            row += len(images)
+                arrays[name].write(_stored(value.numpy(), dtype, f"{desc} {name}"))
             bar.update(len(images))
     for array in arrays.values():
-        array.flush()
+        array.close()
     seconds = time.perf_counter() - start
-    del arrays  # close the memory maps before hashing the files
     return {
         "n": n,
         "seconds": round(seconds, 2),
@@ -168,13 +165,40 @@ def report_bytes(folder: Path, splits: dict) -> int:
     return total
 
 
+class RowWriter:
+    """A .npy file of known shape, written row block by row block in order.
+
+    Plain appends instead of a writable memory map: a map keeps every page written resident in the
+    process until it is closed, so memory would grow with the dataset. The bytes are np.save's.
+    """
+
+    def __init__(self, path: Path, shape: tuple, dtype=np.float32):
+        self.path, self.shape, self.dtype, self.rows = path, tuple(shape), np.dtype(dtype), 0
+        self.file = open(path, "wb")  # noqa: SIM115 - closed by close()
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape}
+        np.lib.format.write_array_header_1_0(self.file, header)
+
+    def write(self, rows: np.ndarray) -> None:
+        self.file.write(np.ascontiguousarray(rows, self.dtype).tobytes())
+        self.rows += len(rows)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.rows != self.shape[0]:
+            raise ValueError(f"{self.path}: {self.rows} rows written, {self.shape[0]} expected")
+
+
 def array_hashes(split_dir: Path) -> dict:
     """sha256 of every file of one split (ids, labels, feature arrays), stored in meta.json."""
     return {p.name: files.sha256_file(p) for p in sorted(Path(split_dir).iterdir()) if p.is_file()}
 
 
-def load_split(features_dir: Path, split: str, output: str = "pooled", mmap: bool = False):
-    """(ids, labels, features) for one split, aligned row for row, after checking their recorded sha256."""
+def load_split(features_dir: Path, split: str, output: str = "pooled"):
+    """(ids, labels, features) for one split, aligned row for row, after checking their recorded sha256.
+
+    The features are a read-only memory map, never loaded whole (the hashes are streamed too):
+    train.feature_dataset reads them batch by batch, so memory does not grow with the dataset.
+    """
     d = Path(features_dir) / split
     meta_path = Path(features_dir) / layout.FEATURES_META
     recorded = files.read_json(meta_path).get("splits", {}).get(split, {}).get("sha256", {})
@@ -191,7 +215,7 @@ def load_split(features_dir: Path, split: str, output: str = "pooled", mmap: boo
             )
     ids = files.read_json(d / IDS)
     labels = np.load(d / "labels.npy")
-    x = np.load(d / f"{output}.npy", mmap_mode="r" if mmap else None)
+    x = np.load(d / f"{output}.npy", mmap_mode="r")
     if not len(ids) == len(labels) == len(x):
         raise ValueError(f"{d}: ids, labels and {output} differ in length ({len(ids)}, {len(labels)}, {len(x)})")
     return ids, labels, x

@@ -22,6 +22,11 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def cache_dir() -> Path:
+    """Machine-wide cache (weights, the split's per-file results), outside any checkout and DVC's outputs."""
+    return Path(os.environ.get("TRANSFERLAB_CACHE") or Path.home() / ".cache" / "transferlab").expanduser()
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")

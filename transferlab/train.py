@@ -8,6 +8,7 @@ be checked, and what makes each ablation switch change exactly one thing.
 
 from __future__ import annotations
 
+import mmap
 import time
 
 import keras
@@ -173,11 +174,39 @@ def fit(model: keras.Model, train_ds, val_ds, epochs: int, callbacks=()) -> tupl
 
 
 def feature_dataset(x, y, batch_size: int, shuffle_seed: int | None = None) -> tf.data.Dataset:
-    """In-memory features in the same shuffled order image_dataset gives the same rows."""
-    ds = tf.data.Dataset.from_tensor_slices((np.asarray(x, np.float32), np.asarray(y, np.int32)))
+    """Features in batches, in the same shuffled order image_dataset gives the same rows.
+
+    The shuffle acts on row indices (tf.data's seeded permutation does not depend on the elements),
+    and each batch's rows are then read from ``x``: a memory-mapped array is never loaded whole.
+    """
+    y = np.asarray(y, np.int32)
+    read = _row_reader(x)
+    ds = tf.data.Dataset.range(len(y))
     if shuffle_seed is not None:
         ds = ds.shuffle(len(y), seed=shuffle_seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+    def rows(index):
+        batch = tf.numpy_function(read, [index], tf.float32, stateful=False)
+        batch.set_shape([None, *x.shape[1:]])
+        return batch, tf.gather(y, index)
+
+    return ds.batch(batch_size).map(rows).prefetch(tf.data.AUTOTUNE)
+
+
+def _row_reader(x):
+    """index -> x[index] as float32. A whole-file memory map (np.load's) is opened per batch and closed after it:
+    the pages read leave the process with it, so its resident memory stays flat however large the file is.
+    Anything else, a slice of a map included (its ``offset`` is the parent's), is read into memory once."""
+    if isinstance(x, np.memmap) and isinstance(x.base, mmap.mmap) and x.filename:
+        order = "F" if x.flags.f_contiguous and not x.flags.c_contiguous else "C"
+
+        def read(index):
+            mapped = np.memmap(x.filename, x.dtype, "r", offset=x.offset, shape=x.shape, order=order)
+            return np.asarray(mapped[index], np.float32)
+
+        return read
+    array = np.asarray(x, np.float32)
+    return lambda index: array[index]
 
 
 def train_head(x_train, y_train, x_val, y_val, n_classes: int, cfg: dict, head: dict, callbacks=()):

@@ -32,6 +32,7 @@ import numpy as np
 
 from transferlab import backbones, files
 from transferlab.backbones import Backbone, WheelWeights
+from transferlab.files import cache_dir
 
 NOTOP = "notop.weights.h5"
 TOP = "top.weights.h5"
@@ -74,11 +75,6 @@ class WeightsUnavailable(RuntimeError):
 
 class WeightsFileError(ValueError):
     """The file named in weights.paths cannot be used; the message names the file and the reason."""
-
-
-def cache_dir() -> Path:
-    """Machine-wide cache, outside any checkout, so each machine fetches and converts once."""
-    return Path(os.environ.get("TRANSFERLAB_CACHE") or Path.home() / ".cache" / "transferlab").expanduser()
 
 
 def keras_models_dir() -> Path:
