@@ -70,10 +70,10 @@ def main(method: str, name: str) -> None:
         manifest["abspath"] = data.resolve_paths(manifest)
         splits = {s: manifest[manifest["split"] == s] for s in ("train", "val")}
         n_classes = len(data.load_classes())
-        augment = ablation["augmentation"]
-        cached = method == "finetune_top" and augment == "none" and input_size == meta["input_size"]
+        augment = train.augmentation(method, ft["augmentation"], ablation["augmentation"])  # (train, val) presets
+        cached = method == "finetune_top" and augment[0] is None and input_size == meta["input_size"]
 
-        def images(split: str, shuffle: bool, augmented: bool):
+        def images(split: str, shuffle: bool, preset: str | None):
             rows = splits[split]
             return features.image_dataset(
                 rows["abspath"].tolist(),
@@ -81,7 +81,8 @@ def main(method: str, name: str) -> None:
                 record["preprocessing"],
                 batch_size,
                 seed if shuffle else None,
-                seed + (split == "val") if augmented else None,
+                seed + (split == "val") if preset else None,
+                preset or "keras",
             )
 
         with tracking.run(record, params) as active:
@@ -94,23 +95,19 @@ def main(method: str, name: str) -> None:
                     head.load_weights(Path("runs/train_head") / pair / "head.weights.h5")
                 full = train.end_to_end(base, head, head_cfg["pooling"])
                 model = train.top_model(base, boundary, head, head_cfg["pooling"]) if cached else full
-                train.compile_model(
-                    model, train.make_optimizer(cfg["optimizer"], cfg["learning_rate"], cfg["momentum"])
-                )
+                train.compile_for(model, cfg, len(splits["train"]), batch_size)
             if cached:
                 data_sets = []
                 for split in ("train", "val"):
                     _, labels, cut = features.load_split(Path("features") / pair, split, "cut")
                     data_sets.append(train.feature_dataset(cut, labels, batch_size, seed if split == "train" else None))
             else:
-                data_sets = [images("train", True, augment != "none"), images("val", False, augment == "train_and_val")]
-            history, seconds = train.fit(model, *data_sets, cfg["epochs"], tracking.callbacks(live_dir))
+                data_sets = [images("train", True, augment[0]), images("val", False, augment[1])]
+            y_train, live = splits["train"]["class_index"].to_numpy(), tracking.callbacks(live_dir)
+            history, seconds, chosen = train.fit_with(cfg, model, *data_sets, y_train, n_classes, live)
             full.save_weights(out / "model.weights.h5")
             record.update(
-                train_seconds=round(seconds, 2),
-                mlflow_run_id=active.info.run_id,
-                cached_path=cached,
-                val_accuracy=float(history["val_accuracy"].iloc[-1]),
+                train_seconds=round(seconds, 2), mlflow_run_id=active.info.run_id, cached_path=cached, **chosen
             )
             if method == "frozen_end_to_end":
                 with precision.policy(record["precision"]):  # both paths compute the base in this precision
@@ -119,7 +116,7 @@ def main(method: str, name: str) -> None:
                         params["head"],
                         n_classes,
                         pair,
-                        images("val", False, False),
+                        images("val", False, None),
                         head_cfg["pooling"],
                         batch_size,
                     )

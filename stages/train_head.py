@@ -40,15 +40,11 @@ def main(name: str, variant: str) -> None:
         _, y_train, x_train = features.load_split(Path("features") / pair, "train", output)
         _, y_val, x_val = features.load_split(Path("features") / pair, "val", output)
         with tracking.run(record, params) as active, precision.policy(record["precision"]):
-            head, history, seconds = train.train_head(
+            head, history, seconds, chosen = train.train_head(
                 x_train, y_train, x_val, y_val, len(data.load_classes()), cfg, head_cfg, tracking.callbacks(live_dir)
             )
             head.save_weights(out / "head.weights.h5")
-            record.update(
-                train_seconds=round(seconds, 2),
-                mlflow_run_id=active.info.run_id,
-                val_accuracy=float(history["val_accuracy"].iloc[-1]),
-            )
+            record.update(train_seconds=round(seconds, 2), mlflow_run_id=active.info.run_id, **chosen)
             tracking.finish(out, record, history)
 
 

@@ -38,14 +38,15 @@ class ExportError(ValueError):
 
 
 def candidates(runs_root: Path, eval_root: Path) -> list[dict]:
-    """The trained runs evaluate scored, with their final-epoch validation figures (never test ones)."""
+    """The trained runs evaluate scored, with their kept epoch's validation figures (never test ones)."""
     found = []
     for predictions in sorted(Path(eval_root).glob("**/predictions.csv")):
         name = predictions.parent.relative_to(eval_root).as_posix()
         record = files.read_json(Path(runs_root) / name / "run.json")
         if record["status"] != "trained":
             continue
-        last = pd.read_csv(Path(runs_root) / name / "history.csv").iloc[-1]
+        history = pd.read_csv(Path(runs_root) / name / "history.csv")
+        last = history.iloc[record.get("epoch_chosen", len(history)) - 1]  # early stopping kept that epoch
         loss = float(last["val_loss"])
         found.append(
             {

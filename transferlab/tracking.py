@@ -247,6 +247,7 @@ def finish(out_dir: Path, record: dict, history) -> None:
     files.write_json(out_dir / "preprocessing.json", record["preprocessing"])
     files.write_json(out_dir / "run.json", record)
     mlflow.log_metric("train_seconds", record["train_seconds"])
+    mlflow.log_metrics({k: record[k] for k in ("epochs_run", "epoch_chosen") if k in record})  # early stopping
     mlflow.log_artifacts(str(out_dir))
 
 
