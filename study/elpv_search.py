@@ -3,7 +3,7 @@
 Run in a workspace where `dvc repro extract_features` produced features/<backbone>-native with the cut
 activations of the cut point searched (finetune.cut_point in params.yaml). Each call trains one configuration
 of finetune_top (head first trained on the pooled features with the train section's settings, as the pipeline
-does) and appends its validation AND test figures to a CSV, so every configuration tried is reported;
+does) and appends its validation AND test figures to search.jsonl, so every configuration tried is reported;
 configurations are chosen on the validation columns only.
 
   PYTHONPATH=<worktree> python <worktree>/study/elpv_search.py NAME [section.key=value ...]
@@ -13,7 +13,7 @@ e.g. `... elpv_search.py cos-cw finetune.lr_schedule=cosine finetune.warmup_epoc
 
 from __future__ import annotations
 
-import csv
+import json
 import sys
 import time
 from pathlib import Path
@@ -37,7 +37,29 @@ def scores(y, pred) -> dict:
     }
 
 
-def main(name: str, overrides: list[str], out_csv: Path = Path("search.csv")) -> None:
+def finetune_top(params: dict, bb, boundary: str, meta: dict, head, split: dict, n_classes: int):
+    """finetune_top on the cached cut activations, as stages/finetune.py trains it; returns (model, summary)."""
+    ft, head_cfg, seed = params["finetune"], params["head"], params["train"]["seed"]
+    train.seed_everything(seed)
+    base = weights.load_backbone(bb, Path("models/weights") / bb.name, input_size=meta["input_size"])
+    train.configure_base(base, boundary, False)
+    top_head = train.head_for(base, n_classes, head_cfg, seed)
+    if ft["head_init"] == "trained":
+        top_head.set_weights(head.get_weights())
+    model = train.top_model(base, boundary, top_head, head_cfg["pooling"])
+    train.compile_for(model, ft, len(split["train"][0]))
+    history, _, summary = train.fit_with(
+        ft,
+        model,
+        train.feature_dataset(split["train"][1], split["train"][0], ft["batch_size"], seed),
+        train.feature_dataset(split["val"][1], split["val"][0], ft["batch_size"]),
+        split["train"][0],
+        n_classes,
+    )
+    return model, summary
+
+
+def main(name: str, overrides: list[str], out: Path = Path("search.jsonl")) -> None:
     raw = yaml.safe_load(Path("params.yaml").read_text())
     for item in overrides:
         key, value = item.split("=", 1)
@@ -56,23 +78,12 @@ def main(name: str, overrides: list[str], out_csv: Path = Path("search.csv")) ->
     start = time.perf_counter()
     with precision.policy(policy):
         (y_tr, x_tr), (y_va, x_va) = pooled["train"], pooled["val"]
-        head, _, _, _ = train.train_head(x_tr, y_tr, x_va, y_va, n_classes, params["train"], head_cfg)
-        train.seed_everything(seed)
-        base = weights.load_backbone(bb, Path("models/weights") / backbone, input_size=meta["input_size"])
-        train.configure_base(base, boundary, False)
-        top_head = train.head_for(base, n_classes, head_cfg, seed)
-        if ft["head_init"] == "trained":
-            top_head.set_weights(head.get_weights())
-        model = train.top_model(base, boundary, top_head, head_cfg["pooling"])
-        train.compile_for(model, ft, len(split["train"][0]))
-        history, _, summary = train.fit_with(
-            ft,
-            model,
-            train.feature_dataset(split["train"][1], split["train"][0], ft["batch_size"], seed),
-            train.feature_dataset(split["val"][1], split["val"][0], ft["batch_size"]),
-            split["train"][0],
-            n_classes,
-        )
+        head, _, _, chosen = train.train_head(x_tr, y_tr, x_va, y_va, n_classes, params["train"], head_cfg)
+        if not ft["methods"]:  # finetune.methods=[]: score train_head itself, on the pooled features
+            model, summary, split = head, chosen, {**split, **pooled}
+            split["test"] = features.load_split(Path("features") / pair, "test", "pooled")[1:]
+        else:
+            model, summary = finetune_top(params, bb, boundary, meta, head, split, n_classes)
         row = {"name": name, "overrides": " ".join(overrides), "seed": seed, **summary}
         row.pop("class_weights")
         for s in ("val", "test"):
@@ -81,12 +92,8 @@ def main(name: str, overrides: list[str], out_csv: Path = Path("search.csv")) ->
             row.update({f"{s}_{k}": round(v, 4) for k, v in scores(y, pred).items()})
     row["seconds"] = round(time.perf_counter() - start, 1)
     print(row)
-    new = not out_csv.exists()
-    with out_csv.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    with out.open("a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":
