@@ -63,7 +63,6 @@ def main(params: dict, method: str, name: str) -> None:
         manifest["abspath"] = data.resolve_paths(manifest)
         splits = {s: manifest[manifest["split"] == s] for s in ("train", "val")}
         n_classes = len(data.load_classes())
-        augment = ablation["augmentation"]
         cut_dir = layout.cut_dir(name, preprocessing)
         if plan.cached:  # the activations must come from this run's boundary and inputs, or it refuses them
             cut.check(
@@ -73,7 +72,7 @@ def main(params: dict, method: str, name: str) -> None:
                 f"{cut_dir}",
             )
 
-        def images(split: str, shuffle: bool, augmented: bool):
+        def images(split: str, shuffle: bool, preset: str | None):
             rows = splits[split]
             return features.image_dataset(
                 rows["abspath"].tolist(),
@@ -81,7 +80,8 @@ def main(params: dict, method: str, name: str) -> None:
                 record.preprocessing,
                 batch_size,
                 seed if shuffle else None,
-                seed + (split == "val") if augmented else None,
+                seed + (split == "val") if preset else None,
+                preset or "keras",
             )
 
         with tracking.run(record, params) as active:
@@ -94,24 +94,23 @@ def main(params: dict, method: str, name: str) -> None:
                     head.load_weights(head_weights)
                 full = train.end_to_end(base, head, plan.head_cfg["pooling"])
                 model = train.top_model(base, plan.boundary, head, plan.head_cfg["pooling"]) if plan.cached else full
-                train.compile_model(
-                    model, train.make_optimizer(cfg["optimizer"], cfg["learning_rate"], cfg["momentum"])
-                )
+                train.compile_for(model, cfg, len(splits["train"]), batch_size)
             if plan.cached:
                 data_sets = []
                 for split in ("train", "val"):
                     _, labels, x = features.load_split(cut_dir, split, "cut")
                     data_sets.append(train.feature_dataset(x, labels, batch_size, seed if split == "train" else None))
             else:
-                data_sets = [images("train", True, augment != "none"), images("val", False, augment == "train_and_val")]
-            history, seconds = train.fit(model, *data_sets, cfg["epochs"], tracking.callbacks(live_dir))
+                data_sets = [images("train", True, plan.augment[0]), images("val", False, plan.augment[1])]
+            y_train, live = splits["train"]["class_index"].to_numpy(), tracking.callbacks(live_dir)
+            history, seconds, chosen = train.fit_with(cfg, model, *data_sets, y_train, n_classes, live)
             full.save_weights(out / layout.MODEL_WEIGHTS)
             record = dataclasses.replace(
                 record,
                 train_seconds=round(seconds, 2),
                 mlflow_run_id=active.info.run_id,
                 cached_path=plan.cached,
-                val_accuracy=float(history["val_accuracy"].iloc[-1]),
+                **chosen,
             )
             if method == "frozen_end_to_end":
                 with precision.policy(record.precision):  # both paths compute the base in this precision
@@ -121,7 +120,7 @@ def main(params: dict, method: str, name: str) -> None:
                         n_classes,
                         features_dir,
                         head_weights,
-                        images("val", False, False),
+                        images("val", False, None),
                         batch_size,
                     )
                 record = dataclasses.replace(record, parity=provenance.Parity(**agreement))

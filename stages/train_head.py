@@ -35,7 +35,7 @@ def main(params: dict, name: str, variant: str) -> None:
         _, y_train, x_train = features.load_split(features_dir, "train", output)
         _, y_val, x_val = features.load_split(features_dir, "val", output)
         with tracking.run(record, params) as active, precision.policy(record.precision):
-            head, history, seconds = train.train_head(
+            head, history, seconds, chosen = train.train_head(
                 x_train, y_train, x_val, y_val, len(data.load_classes()), cfg, head_cfg, tracking.callbacks(live_dir)
             )
             head.save_weights(out / layout.HEAD_WEIGHTS)
@@ -43,7 +43,7 @@ def main(params: dict, name: str, variant: str) -> None:
                 record,
                 train_seconds=round(seconds, 2),
                 mlflow_run_id=active.info.run_id,
-                val_accuracy=float(history["val_accuracy"].iloc[-1]),
+                **chosen,
             )
             tracking.finish(out, record, history)
 

@@ -50,26 +50,10 @@ RUN_OUTPUT = re.compile(rf"{re.escape(layout.RUNS.as_posix())}/{RUN}")  # a trai
 # ---------------------------------------------------------------- statistics
 
 
-def t_interval(values, confidence: float = 0.95) -> dict:
-    """Mean of ``values`` with its two-sided t-interval (n - 1 degrees of freedom).
-
-    NaNs are dropped. With fewer than two values there is no interval (lo = hi = NaN).
-    """
-    x = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
-    n = len(x)
-    if n == 0:
-        return {"n": 0, "mean": math.nan, "lo": math.nan, "hi": math.nan}
-    mean = float(x.mean())
-    if n < 2:
-        return {"n": 1, "mean": mean, "lo": math.nan, "hi": math.nan}
-    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
-    return {"n": n, "mean": mean, "lo": mean - half, "hi": mean + half}
-
-
 def paired_effect(a: dict, b: dict, confidence: float = 0.95) -> dict:
     """a - b over the seeds both have (dicts seed -> value), with the t-interval of the differences."""
     seeds = sorted(s for s in set(a) & set(b) if not (math.isnan(a[s]) or math.isnan(b[s])))
-    out = t_interval([a[s] - b[s] for s in seeds], confidence)
+    out = tl_metrics.t_interval([a[s] - b[s] for s in seeds], confidence)
     out["seeds"] = seeds
     return out
 
@@ -367,8 +351,8 @@ def item_preprocessing(table: pd.DataFrame) -> list[dict]:
                 "backbone": net,
                 "note": note,
                 "unavailable": unavailable(table, layout.run_name(layout.TRAIN_HEAD, net, "native")),
-                "native": t_interval(native.values()),
-                "rescale": t_interval(rescale.values()),
+                "native": tl_metrics.t_interval(native.values()),
+                "rescale": tl_metrics.t_interval(rescale.values()),
                 "effect": paired_effect(rescale, native),
             }
         )
@@ -392,8 +376,8 @@ def item_frozen(table: pd.DataFrame) -> tuple[list[dict], dict]:
                 "setting": setting,
                 "title": title,
                 "why": why,
-                "frozen": t_interval(frozen.values()),
-                "bottleneck": t_interval(head.values()),
+                "frozen": tl_metrics.t_interval(frozen.values()),
+                "bottleneck": tl_metrics.t_interval(head.values()),
                 "gap": paired_effect(frozen, head),
                 "vs_correct": paired_effect(gap(setting), gap("correct")) if setting != "correct" else None,
             }
@@ -412,9 +396,9 @@ def item_finetune(table: pd.DataFrame) -> list[dict]:
             "reference": reference,
             "title": title,
             "why": why,
-            "tuned": t_interval(tuned.values()),
+            "tuned": tl_metrics.t_interval(tuned.values()),
             "vs_bottleneck": paired_effect(tuned, head),
-            "val": t_interval(by_seed(table, setting, run, "val_accuracy").values()),
+            "val": tl_metrics.t_interval(by_seed(table, setting, run, "val_accuracy").values()),
         }
         if reference:
             row["effect"] = paired_effect(tuned, by_seed(table, reference, run))
@@ -726,7 +710,7 @@ def markdown(experiments, prep, frozen, bn_at_bs1, tuned, alignment, seeds_used)
         lines += ["No features found (run `dvc repro` first).", ""]
     for a in alignment:
         m = {
-            src: {k: t_interval([a[src][s][k] for s in a[src]]) for k in a[src][next(iter(a[src]))]}
+            src: {k: tl_metrics.t_interval([a[src][s][k] for s in a[src]]) for k in a[src][next(iter(a[src]))]}
             for src in ("manifest", "counted")
         }
         diff = paired_effect(
@@ -867,7 +851,7 @@ def plot(prep, frozen, tuned, alignment, path: Path) -> Path:
     for a in alignment:
         for src in ("manifest", "counted"):
             labels.append(f"{a['pair']}: {src} labels")
-            cis.append(t_interval([v["accuracy"] for v in a[src].values()]))
+            cis.append(tl_metrics.t_interval([v["accuracy"] for v in a[src].values()]))
     _bars(
         a4,
         labels,

@@ -168,10 +168,12 @@ def make_tracking_store(root, epochs: int = 2) -> dict:
         else:
             x, y = rng.normal(size=(48, 8)).astype("float32"), rng.integers(0, 3, 48)
             with tracking.run(record, params) as active:
-                head, history, seconds = train.train_head(
+                head, history, seconds, chosen = train.train_head(
                     x[:32], y[:32], x[32:], y[32:], 3, params["train"], params["head"], tracking.callbacks(live)
                 )
-                record = dataclasses.replace(record, train_seconds=round(seconds, 2), mlflow_run_id=active.info.run_id)
+                record = dataclasses.replace(
+                    record, train_seconds=round(seconds, 2), mlflow_run_id=active.info.run_id, **chosen
+                )
                 tracking.finish(out, record, history)
             pred = head.predict(x, verbose=0).argmax(1)
             run.update(

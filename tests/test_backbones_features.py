@@ -56,7 +56,9 @@ def test_unknown_names_are_refused():
         backbones.get("resnet18")
     with pytest.raises(ValueError, match="unknown preprocessing variant"):
         backbones.preprocessing_record(backbones.get("vgg16"), "imagenet")
-    with pytest.raises(ValueError, match="vgg16 has no cut point 'conv5'; known: block5_conv1, block4_conv1"):
+    with pytest.raises(
+        ValueError, match="vgg16 has no cut point 'conv5'; known: block5_conv1, block4_conv1, block3_conv1"
+    ):
         backbones.cut_boundary(backbones.get("vgg16"), "conv5")
 
 

@@ -78,7 +78,8 @@ def test_finetune_plan_frozen_end_to_end_takes_trains_settings():
 def test_finetune_plan_finetune_top_uses_the_cache_unless_the_images_differ():
     p = params()
     plan = planning.plan("finetune_top", "vgg16", p, META)
-    assert (plan.section, plan.cfg) == ("finetune", p["finetune"])
+    own_cut = {**p["finetune"], "cut_point": p["finetune"]["cut_point"]["vgg16"]}  # this backbone's only
+    assert (plan.section, plan.cfg) == ("finetune", own_cut)
     assert plan.boundary == backbones.REGISTRY["vgg16"].cut_points[p["finetune"]["cut_point"]["vgg16"]]
     assert plan.cached and plan.trained_head
     assert not planning.plan("finetune_top", "vgg16", params(augmentation="train"), META).cached

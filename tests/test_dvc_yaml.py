@@ -38,3 +38,13 @@ def test_stage_depends_on_all_the_code_it_runs(name):
     assert needed <= deps, f"{name}: add to deps: {sorted(needed - deps)}"
     stale = {d for d in deps if d.endswith(".py")} - needed
     assert not stale, f"{name}: deps it does not use: {sorted(stale)}"
+
+
+def test_finetune_depends_on_every_finetune_param():
+    """finetune lists its section key by key (so another backbone's cut point leaves it current): a key
+    added to the section but not here would change results without re-running the stage."""
+    listed = set(STAGES["finetune"]["params"])
+    section = yaml.safe_load((ROOT / "params.yaml").read_text())["finetune"]
+    missing = {f"finetune.{k}" for k in section if k != "cut_point"} - listed
+    assert not missing, f"finetune: add to params: {sorted(missing)}"
+    assert "finetune.cut_point.${item.backbone}" in listed and "finetune.cut_point" not in listed

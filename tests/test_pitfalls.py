@@ -18,7 +18,7 @@ import pytest
 import yaml
 from helpers import ROOT
 
-from transferlab import features, files, layout
+from transferlab import features, files, layout, metrics
 
 spec = importlib.util.spec_from_file_location("pitfalls_report", ROOT / "study" / "pitfalls_report.py")
 pr = importlib.util.module_from_spec(spec)
@@ -31,21 +31,21 @@ T975 = {1: 12.706204736174707, 2: 4.302652729911275}  # Student t quantiles, fro
 
 
 def test_t_interval_matches_hand_computation():
-    ci = pr.t_interval([0.70, 0.72, 0.74])  # mean 0.72, sd 0.02
+    ci = metrics.t_interval([0.70, 0.72, 0.74])  # mean 0.72, sd 0.02
     half = T975[2] * 0.02 / math.sqrt(3)  # 0.0496827
     assert ci["n"] == 3 and ci["mean"] == pytest.approx(0.72)
     assert (ci["lo"], ci["hi"]) == pytest.approx((0.72 - half, 0.72 + half))
     assert (ci["lo"], ci["hi"]) == pytest.approx((0.670317, 0.769683), abs=1e-6)
 
-    ci = pr.t_interval([1.0, 3.0, float("nan")])  # NaN dropped; sd = sqrt(2), se = 1
+    ci = metrics.t_interval([1.0, 3.0, float("nan")])  # NaN dropped; sd = sqrt(2), se = 1
     assert ci["n"] == 2 and (ci["lo"], ci["hi"]) == pytest.approx((2 - T975[1], 2 + T975[1]))
 
 
 def test_t_interval_without_spread_or_without_values():
-    assert pr.t_interval([0.5, 0.5, 0.5]) == {"n": 3, "mean": 0.5, "lo": 0.5, "hi": 0.5}
-    one = pr.t_interval([0.4])
+    assert metrics.t_interval([0.5, 0.5, 0.5]) == {"n": 3, "mean": 0.5, "lo": 0.5, "hi": 0.5}
+    one = metrics.t_interval([0.4])
     assert one["n"] == 1 and one["mean"] == 0.4 and math.isnan(one["lo"]) and math.isnan(one["hi"])
-    assert pr.t_interval([])["n"] == 0
+    assert metrics.t_interval([])["n"] == 0
     assert pr.fmt(one) == "0.400 (1 seed, no interval)" and pr.fmt(None) == "—"
 
 
@@ -381,6 +381,6 @@ def test_settings_print_as_bash_and_refuse_an_undefined_optional_setting():
         text=True,
         check=True,
     ).stdout.strip()
-    assert out == "0 4|train.epochs=3|a|b|x.y=[1,b] x.z=null|x.w=true"
+    assert out == "0 4|finetune.backbones=[efficientnet_lite0] train.epochs=3|a|b|x.y=[1,b] x.z=null|x.w=true"
     with pytest.raises(SystemExit, match="optional settings that are not defined: c"):
         ps.shell({**study, "optional": ["c"]})

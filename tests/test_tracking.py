@@ -30,7 +30,9 @@ def test_curves_are_the_four_keras_metrics_per_epoch_from_1(store):
     for name in ("train_head/vgg16-native", "train_head/vgg16-rescale"):
         run = store["by_name"][name]
         trained = {k for k in run.data.metrics if not k.startswith("test_")}
-        assert trained == CURVES | {"train_seconds"}  # no validation_* duplicates from autologging
+        # no validation_* duplicates from autologging; the epochs run and the epoch kept (training controls)
+        assert trained == CURVES | {"train_seconds", "epochs_run", "epoch_chosen"}
+        assert run.data.metrics["epoch_chosen"] == run.data.metrics["epochs_run"] == 2
         history = pd.read_csv(root / "runs" / name / "history.csv")
         for key in CURVES:
             curve = client.get_metric_history(run.info.run_id, key)
@@ -57,6 +59,8 @@ def test_identity_and_resolved_sections_are_params(store):
     assert "extract.backbones" not in params and "extract.input_size.vgg16" not in params
     assert params["ablation.bn_training"] == "False" and params["ablation.augmentation"] == "none"
     assert params["train.epochs"] == "2" and params["head.units"] == "256"
+    assert params["train.lr_schedule"] == "constant" and params["train.early_stopping_patience"] == "0"
+    assert params["train.class_weight"] == "none" and params["train.label_smoothing"] == "0.0"
     assert tags["backbone"] == "vgg16" and tags["method"] == "train_head" and tags["preprocessing"] == "native"
     assert "dvc_experiment" not in tags  # no empty tag outside DVC experiments
 

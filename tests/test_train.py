@@ -10,8 +10,12 @@ import numpy as np
 import pytest
 
 from transferlab import files, precision, train
+from transferlab.params import CONTROL_DEFAULTS
 
 HEAD = {"units": 16, "dropout": 0.5, "dropout_position": "after_dense", "pooling": "avg"}
+# a train section as params.yaml gives it, training controls off
+TRAIN = {"seed": 0, "epochs": 2, "batch_size": 8, "optimizer": "adam", "learning_rate": 0.01, "momentum": 0.9}
+TRAIN |= {**CONTROL_DEFAULTS, "probe_solver": "keras"}
 
 
 def small_base(seed=0):
@@ -117,8 +121,8 @@ def test_linear_head_is_one_dense_layer_that_learns_a_linear_rule():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(600, 8)).astype("float32")
     y = (x @ rng.normal(size=(8, 3))).argmax(1)  # classes a linear map separates exactly
-    cfg = {"seed": 0, "epochs": 30, "batch_size": 32, "optimizer": "adam", "learning_rate": 0.05, "momentum": 0.9}
-    model, _, _ = train.train_head(x[:400], y[:400], x[400:500], y[400:500], 3, cfg, head)
+    cfg = {**TRAIN, "epochs": 30, "batch_size": 32, "learning_rate": 0.05}
+    model, _, _, _ = train.train_head(x[:400], y[:400], x[400:500], y[400:500], 3, cfg, head)
     accuracy = (model(x[500:], training=False).numpy().argmax(1) == y[500:]).mean()
     assert accuracy >= 0.9  # head.units < 0 is refused by transferlab.params (tests/test_params.py)
 

@@ -26,8 +26,12 @@ CHECKED = (
 )
 
 
-def images_needed(ablation: dict, input_size: int) -> str | None:
-    """Why finetune_top must train on images, or None when the cached activations serve."""
+def images_needed(ablation: dict, input_size: int, preset: str = "none") -> str | None:
+    """Why finetune_top must train on images, or None when the cached activations serve.
+
+    ``preset``: finetune.augmentation, the recipe's own augmentation of the train split."""
+    if preset != "none":
+        return f"finetune.augmentation is {preset!r} (augmented images are never cached)"
     if ablation["augmentation"] != "none":
         return f"ablation.augmentation is {ablation['augmentation']!r} (augmented images are never cached)"
     if ablation["input_size"] and ablation["input_size"] != input_size:
@@ -39,7 +43,7 @@ def not_needed(params: dict, input_size: int) -> str | None:
     """Why no cached fine-tuning run will read this backbone's activations, or None when one will."""
     if "finetune_top" not in params["finetune"]["methods"]:
         return "finetune.methods has no finetune_top"
-    return images_needed(params["ablation"], input_size)
+    return images_needed(params["ablation"], input_size, params["finetune"]["augmentation"])
 
 
 def _checked(record, boundary: str | None) -> dict:

@@ -39,14 +39,15 @@ class ExportError(ValueError):
 
 
 def candidates(runs_root: Path, eval_root: Path) -> list[dict]:
-    """The trained runs evaluate scored, with their final-epoch validation figures (never test ones)."""
+    """The trained runs evaluate scored, with their kept epoch's validation figures (never test ones)."""
     found = []
     for predictions in sorted(Path(eval_root).glob(f"**/{layout.PREDICTIONS}")):
         name = predictions.parent.relative_to(eval_root).as_posix()
         record = provenance.load(layout.run_dir(name, runs_root) / layout.RUN_RECORD, provenance.RunRecord)
         if record.status != "trained":
             continue
-        last = pd.read_csv(layout.run_dir(name, runs_root) / layout.HISTORY).iloc[-1]
+        history = pd.read_csv(layout.run_dir(name, runs_root) / layout.HISTORY)
+        last = history.iloc[(record.epoch_chosen or len(history)) - 1]  # early stopping kept that epoch
         loss = float(last["val_loss"])
         found.append(
             {

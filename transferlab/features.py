@@ -16,6 +16,7 @@ import platform
 import time
 from pathlib import Path
 
+import keras
 import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
@@ -34,27 +35,55 @@ def _decode(path):
     return rgb
 
 
-def augmenter(seed: int):
-    """Flip, shift, rotation and zoom: the augmentation of the Keras recipes, seeded.
+def augmenter(seed: int, preset: str = "keras"):
+    """A seeded augmentation preset (transferlab.params.AUGMENTATION_PRESETS), on 0..255 RGB batches.
 
+    keras: flip, shift, rotation and zoom, the augmentation of the Keras recipes. el_cell: what leaves an
+    electroluminescence cell image a valid cell (square, busbars on either axis): flips on both axes, 90-degree
+    rotations, mild brightness and contrast changes; no shift or zoom, which would crop cell edges.
     Built in float32 whatever the precision policy: it is preprocessing, on 0..255 pixels, before the model.
     """
-    import keras
-
     with precision.policy("float32"):
-        return keras.Sequential(
-            [
+        if preset == "el_cell":
+            layers = [
+                keras.layers.RandomFlip("horizontal_and_vertical", seed=seed),
+                RandomRot90(seed=seed + 1),
+                keras.layers.RandomBrightness(0.1, value_range=(0, 255), seed=seed + 2),
+                keras.layers.RandomContrast(0.1, value_range=(0, 255), seed=seed + 3),
+            ]
+        else:
+            layers = [
                 keras.layers.RandomFlip("horizontal", seed=seed),
                 keras.layers.RandomTranslation(0.1, 0.1, seed=seed + 1),
                 keras.layers.RandomRotation(0.05, seed=seed + 2),
                 keras.layers.RandomZoom(0.1, seed=seed + 3),
-            ],
-            name="augmentation",
-        )
+            ]
+        return keras.Sequential(layers, name="augmentation")
+
+
+class RandomRot90(keras.layers.Layer):
+    """Rotates each square image of a batch by 0, 90, 180 or 270 degrees, drawn from a seeded generator."""
+
+    def __init__(self, seed: int, **kwargs):
+        super().__init__(**kwargs)
+        self.generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=True):
+        if not training:
+            return images
+        k = keras.random.randint((tf.shape(images)[0],), 0, 4, seed=self.generator)
+        turns = tf.stack([tf.image.rot90(images, i) for i in range(4)], axis=1)  # (batch, 4, h, w, c)
+        return tf.gather(turns, k, axis=1, batch_dims=1)
 
 
 def image_dataset(
-    paths, labels, record: dict, batch_size: int, shuffle_seed: int | None = None, augment_seed: int | None = None
+    paths,
+    labels,
+    record: dict,
+    batch_size: int,
+    shuffle_seed: int | None = None,
+    augment_seed: int | None = None,
+    augment_preset: str = "keras",
 ) -> tf.data.Dataset:
     """(preprocessed images, labels) batches, in manifest order unless shuffled.
 
@@ -67,7 +96,7 @@ def image_dataset(
     ds = ds.map(lambda p, y: (resize(_decode(p), record), y), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(batch_size)
     if augment_seed is not None:
-        aug = augmenter(augment_seed)
+        aug = augmenter(augment_seed, augment_preset)
         ds = ds.map(lambda x, y: (aug(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.map(lambda x, y: (backbones.normalise(x, record), y), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)

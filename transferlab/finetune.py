@@ -30,6 +30,7 @@ class Plan:
     input_size: int | list[int]
     boundary: str | None  # the lowest unfrozen layer (finetune_top), None: the whole base stays frozen
     cached: bool  # train the top on the stored cut-point activations instead of on images
+    augment: tuple[str | None, str | None]  # the augmentation preset of (train, val), None: none
     trained_head: bool  # start from train_head's head weights
 
 
@@ -53,7 +54,8 @@ def plan(method: str, backbone: str, params: dict, features_meta: provenance.Fea
         batch_size=ablation["batch_size"] or cfg["batch_size"],
         input_size=input_size,
         boundary=backbones.cut_boundary(backbones.get(backbone), ft["cut_point"].get(backbone, "")) if top else None,
-        cached=top and cut.images_needed(ablation, features_meta.input_size) is None,
+        cached=top and cut.images_needed(ablation, features_meta.input_size, ft["augmentation"]) is None,
+        augment=train.augmentation(method, ft["augmentation"], ablation["augmentation"]),
         trained_head=top and ft["head_init"] == "trained",
     )
 

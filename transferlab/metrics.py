@@ -19,10 +19,12 @@ count, balanced accuracy and macro-F1 as multinomial counts of the confusion mat
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
 
 
@@ -184,3 +186,19 @@ def _group_accuracy(correct: np.ndarray, values, column: str, bootstrap: int, se
         out[key] = {"accuracy": float(correct[mask].mean()), "n": int(mask.sum())}
         ci[key] = _bootstrap_ci(int(correct[mask].sum()), int(mask.sum()), bootstrap, seed)
     return out, ci
+
+
+def t_interval(values, confidence: float = 0.95) -> dict:
+    """Mean of ``values`` with its two-sided t-interval (n - 1 degrees of freedom).
+
+    NaNs are dropped. With fewer than two values there is no interval (lo = hi = NaN).
+    """
+    x = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+    n = len(x)
+    if n == 0:
+        return {"n": 0, "mean": math.nan, "lo": math.nan, "hi": math.nan}
+    mean = float(x.mean())
+    if n < 2:
+        return {"n": 1, "mean": mean, "lo": math.nan, "hi": math.nan}
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
+    return {"n": n, "mean": mean, "lo": mean - half, "hi": mean + half}

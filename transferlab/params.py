@@ -171,6 +171,19 @@ POOLINGS = ("avg", "flatten")
 DROPOUT_POSITIONS = ("after_dense", "before_dense")
 AUGMENTATIONS = ("none", "train", "train_and_val")
 CUT_DTYPES = ("float32", "float16")  # how cut-point activations are stored (transferlab.cut)
+AUGMENTATION_PRESETS = ("none", "keras", "el_cell")  # transferlab.features.augmenter
+LR_SCHEDULES = ("constant", "cosine", "plateau")
+# The training controls of the train and finetune sections (README, "Training controls"); each is optional,
+# and its default is the behaviour from before it existed: constant rate, no early stopping, no weighting.
+CONTROLS = {
+    "lr_schedule": (choice(*LR_SCHEDULES), "constant"),
+    "warmup_epochs": (integer(0), 0),  # cosine only
+    "early_stopping_patience": (integer(0), 0),  # 0: off; else stop after this many epochs without improvement
+    "early_stopping_monitor": (choice("val_loss", "val_accuracy"), "val_loss"),  # also what plateau watches
+    "class_weight": (choice("none", "balanced"), "none"),
+    "label_smoothing": (number(0, 1), 0.0),
+}
+CONTROL_DEFAULTS = {key: default for key, (_, default) in CONTROLS.items()}
 
 # section -> key -> check. A key is required unless listed in OPTIONAL (value: its default).
 SCHEMA: dict[str, dict[str, Check]] = {
@@ -204,6 +217,8 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "optimizer": choice(*OPTIMIZERS),
         "learning_rate": number(0, low_open=True),
         "momentum": number(0, 1),
+        **{key: check for key, (check, _) in CONTROLS.items()},
+        "probe_solver": choice("keras", "lbfgs"),  # lbfgs: the converged linear probe (head.units 0)
     },
     "head": {
         "pooling": choice(*POOLINGS),
@@ -223,6 +238,8 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "learning_rate": number(0, low_open=True),
         "momentum": number(0, 1),
         "head_init": choice("trained", "random"),
+        **{key: check for key, (check, _) in CONTROLS.items()},
+        "augmentation": choice(*AUGMENTATION_PRESETS),  # finetune_top's train split only
     },
     "ablation": {
         "bn_training": boolean,
@@ -252,12 +269,26 @@ OPTIONAL = {
     ("data", "stratify_by"): [],
     ("evaluate", "group_by"): [],
     ("evaluate", "positive_classes"): "auto",
+    **{(section, key): default for section in ("train", "finetune") for key, default in CONTROL_DEFAULTS.items()},
+    ("train", "probe_solver"): "keras",
+    ("finetune", "augmentation"): "none",
 }
 
 
 def _relations(p: dict) -> list[str]:
     """Checks across keys, run on sections that passed their own checks."""
     problems = []
+    for section in ("train", "finetune"):
+        cfg = p.get(section)
+        if cfg and cfg["warmup_epochs"] and cfg["lr_schedule"] != "cosine":
+            problems.append(f"{section}.warmup_epochs: warm-up needs lr_schedule cosine, got {cfg['lr_schedule']!r}")
+        elif cfg and cfg["warmup_epochs"] >= cfg["epochs"]:
+            problems.append(
+                f"{section}.warmup_epochs: must be below {section}.epochs ({cfg['epochs']}), got {cfg['warmup_epochs']}"
+            )
+    if "train" in p and "head" in p and p["train"]["probe_solver"] == "lbfgs" and p["head"]["units"]:
+        units = p["head"]["units"]
+        problems.append(f"train.probe_solver: lbfgs trains the linear probe only (head.units 0), got units {units}")
     if "data" in p and p["data"]["source"] == "folder" and not p["data"]["folder"]:
         problems.append("data.folder: must name the image tree when data.source is folder, got None")
     if "finetune" in p:

@@ -132,7 +132,11 @@ class RunRecord(Provenance):
     params: dict  # the params sections the run used, resolved (its MLflow params)
     mlflow_run_id: str | None = None  # once its MLflow run exists
     train_seconds: float | None = None  # trained runs
-    val_accuracy: float | None = None  # trained runs: the last epoch's
+    val_accuracy: float | None = None  # trained runs: the kept epoch's (the last, or early stopping's best)
+    epochs_run: int | None = None  # trained runs
+    epoch_chosen: int | None = None  # trained runs: the epoch whose weights were kept (1-based)
+    class_weights: dict | None = None  # class index -> loss weight (train.class_weight: balanced)
+    probe_c: float | None = None  # the converged linear probe's L2 strength, chosen on validation
     cached_path: bool | None = None  # finetune methods: trained on stored cut-point activations
     parity: Parity | None = None  # frozen_end_to_end
 

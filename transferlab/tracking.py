@@ -248,6 +248,8 @@ def finish(out_dir: Path, record: provenance.RunRecord, history) -> None:
     files.write_json(out_dir / "preprocessing.json", record.preprocessing)
     provenance.write(record, out_dir / layout.RUN_RECORD)
     mlflow.log_metric("train_seconds", record.train_seconds)
+    stopping = {"epochs_run": record.epochs_run, "epoch_chosen": record.epoch_chosen}  # early stopping
+    mlflow.log_metrics({k: v for k, v in stopping.items() if v is not None})
     mlflow.log_artifacts(str(out_dir))
 
 

@@ -120,18 +120,114 @@ def top_model(base: keras.Model, boundary: str, head: keras.Model, pooling: str)
     return keras.Model(inputs, head(_pool(upper(inputs), pooling)), name=f"{base.name}_top")
 
 
-def make_optimizer(name: str, learning_rate: float, momentum: float = 0.0):
-    """``name`` is one of transferlab.params.OPTIMIZERS (checked there)."""
+def make_optimizer(name: str, learning_rate, momentum: float = 0.0):
+    """``name`` is one of transferlab.params.OPTIMIZERS (checked there); ``learning_rate`` may be a schedule."""
     return {
         "adam": lambda: keras.optimizers.Adam(learning_rate),
         "sgd": lambda: keras.optimizers.SGD(learning_rate, momentum=momentum),
     }[name]()
 
 
-def compile_model(model: keras.Model, optimizer) -> None:
-    model.compile(
-        optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"]
-    )
+# ReduceLROnPlateau's settings under lr_schedule: plateau (README, "Training controls")
+PLATEAU_FACTOR, PLATEAU_PATIENCE, PLATEAU_MIN_FRACTION = 0.5, 2, 0.01
+
+
+def augmentation(method: str, preset: str, ablation: str) -> tuple[str | None, str | None]:
+    """The augmentation preset applied to (train, validation), None for none.
+
+    ``finetune.augmentation`` (``preset``) is part of finetune_top's recipe and augments its train split only;
+    ``ablation.augmentation`` is the pitfall switch for either method: it augments the train split, or train and
+    validation, with that preset, or with Keras' recipe when there is none, so it changes one thing on any recipe.
+    """
+    preset = preset if method == "finetune_top" else "none"
+    used = "keras" if preset == "none" else preset
+    train_preset = used if preset != "none" or ablation != "none" else None
+    return train_preset, used if ablation == "train_and_val" else None
+
+
+def lr_schedule(cfg: dict, steps_per_epoch: int):
+    """The learning rate or schedule a train/finetune section asks for.
+
+    cosine: linear warm-up from 0 over ``warmup_epochs``, then cosine decay to 0 at the last epoch,
+    stepped per batch; constant and plateau start at ``learning_rate`` (plateau lowers it in a callback).
+    """
+    if cfg["lr_schedule"] != "cosine":
+        return cfg["learning_rate"]
+    warmup = cfg["warmup_epochs"] * steps_per_epoch
+    decay = max(1, (cfg["epochs"] - cfg["warmup_epochs"]) * steps_per_epoch)
+    if not warmup:
+        return keras.optimizers.schedules.CosineDecay(cfg["learning_rate"], decay)
+    return keras.optimizers.schedules.CosineDecay(0.0, decay, warmup_target=cfg["learning_rate"], warmup_steps=warmup)
+
+
+def optimizer_for(cfg: dict, n_train: int, batch_size: int | None = None):
+    """The optimizer of a train/finetune section, its learning rate scheduled over ``n_train`` examples
+    in batches of ``batch_size`` (the section's own by default)."""
+    steps = -(-n_train // (batch_size or cfg["batch_size"]))
+    return make_optimizer(cfg["optimizer"], lr_schedule(cfg, steps), cfg["momentum"])
+
+
+def control_callbacks(cfg: dict) -> list:
+    """Early stopping on validation (best weights restored) and reduce-on-plateau, as the section asks."""
+    out = []
+    if cfg["lr_schedule"] == "plateau":
+        out.append(
+            keras.callbacks.ReduceLROnPlateau(
+                monitor=cfg["early_stopping_monitor"],
+                factor=PLATEAU_FACTOR,
+                patience=PLATEAU_PATIENCE,
+                min_lr=cfg["learning_rate"] * PLATEAU_MIN_FRACTION,
+            )
+        )
+    if cfg["early_stopping_patience"]:
+        out.append(
+            keras.callbacks.EarlyStopping(
+                monitor=cfg["early_stopping_monitor"],
+                patience=cfg["early_stopping_patience"],
+                restore_best_weights=True,
+            )
+        )
+    return out
+
+
+def class_weights(labels, n_classes: int, mode: str) -> dict | None:
+    """``balanced``: n / (n_classes * count), scikit-learn's definition; ``none``: no weighting."""
+    if mode == "none":
+        return None
+    from sklearn.utils.class_weight import compute_class_weight
+
+    labels = np.asarray(labels)
+    present = np.unique(labels)
+    weights = compute_class_weight("balanced", classes=present, y=labels)
+    return {int(c): float(w) for c, w in zip(present, weights)}
+
+
+class SparseSmoothedCrossentropy(keras.losses.Loss):
+    """Cross-entropy on integer labels with label smoothing: Keras' CategoricalCrossentropy(label_smoothing)
+    on the one-hot labels (Keras' sparse loss has no smoothing), so labels stay integers for class weights."""
+
+    def __init__(self, n_classes: int, label_smoothing: float, name="sparse_smoothed_crossentropy"):
+        super().__init__(name=name)
+        self.n_classes, self.label_smoothing = n_classes, label_smoothing
+
+    def call(self, y_true, y_pred):
+        one_hot = keras.ops.one_hot(keras.ops.reshape(keras.ops.cast(y_true, "int32"), (-1,)), self.n_classes)
+        return keras.losses.categorical_crossentropy(
+            one_hot, y_pred, from_logits=True, label_smoothing=self.label_smoothing
+        )
+
+
+def compile_model(model: keras.Model, optimizer, label_smoothing: float = 0.0) -> None:
+    if label_smoothing:
+        loss = SparseSmoothedCrossentropy(model.output.shape[-1], label_smoothing)
+    else:
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
+
+
+def compile_for(model: keras.Model, cfg: dict, n_train: int, batch_size: int | None = None) -> None:
+    """Compile with a train/finetune section's optimizer, schedule and label smoothing."""
+    compile_model(model, optimizer_for(cfg, n_train, batch_size), cfg["label_smoothing"])
 
 
 class StopOnNonFinite(keras.callbacks.Callback):
@@ -156,7 +252,9 @@ class StopOnNonFinite(keras.callbacks.Callback):
             )
 
 
-def fit(model: keras.Model, train_ds, val_ds, epochs: int, callbacks=()) -> tuple[pd.DataFrame, float]:
+def fit(
+    model: keras.Model, train_ds, val_ds, epochs: int, callbacks=(), class_weight: dict | None = None
+) -> tuple[pd.DataFrame, float]:
     """Train; returns the per-epoch history (epoch from 1) and the wall time in seconds."""
     start = time.perf_counter()
     hist = model.fit(
@@ -166,11 +264,32 @@ def fit(model: keras.Model, train_ds, val_ds, epochs: int, callbacks=()) -> tupl
         verbose=2,
         shuffle=False,  # tf.data shuffles
         callbacks=[StopOnNonFinite(), *callbacks],
+        class_weight=class_weight,
     )
     seconds = time.perf_counter() - start
     history = pd.DataFrame(hist.history)
     history.insert(0, "epoch", np.arange(1, len(history) + 1))
     return history, seconds
+
+
+def fit_with(cfg: dict, model: keras.Model, train_ds, val_ds, y_train, n_classes: int, callbacks=()):
+    """:func:`fit` under a section's controls; returns (history, seconds, what to record).
+
+    The record says which epoch's weights were kept: the best on ``early_stopping_monitor`` when
+    early stopping is on (its weights restored), else the last; its validation accuracy is that epoch's.
+    """
+    controls = control_callbacks(cfg)
+    weights = class_weights(y_train, n_classes, cfg["class_weight"])
+    history, seconds = fit(model, train_ds, val_ds, cfg["epochs"], [*controls, *callbacks], weights)
+    stopper = next((c for c in controls if isinstance(c, keras.callbacks.EarlyStopping)), None)
+    chosen = stopper.best_epoch + 1 if stopper else len(history)
+    summary = {
+        "epochs_run": len(history),
+        "epoch_chosen": int(chosen),
+        "val_accuracy": float(history["val_accuracy"].iloc[chosen - 1]),
+        "class_weights": weights,
+    }
+    return history, seconds, summary
 
 
 def feature_dataset(x, y, batch_size: int, shuffle_seed: int | None = None) -> tf.data.Dataset:
@@ -210,19 +329,77 @@ def _row_reader(x):
 
 
 def train_head(x_train, y_train, x_val, y_val, n_classes: int, cfg: dict, head: dict, callbacks=()):
-    """The bottleneck head on in-memory features; returns (model, history, seconds)."""
+    """The bottleneck head on in-memory features; returns (model, history, seconds, what to record)."""
     seed_everything(cfg["seed"])
+    if cfg["probe_solver"] == "lbfgs":  # params allow it only for the linear probe (head.units 0)
+        return linear_probe(x_train, y_train, x_val, y_val, n_classes, cfg, head)
     with strategy().scope():
         model = build_head(x_train.shape[1:], n_classes, head, cfg["seed"])
-        compile_model(model, make_optimizer(cfg["optimizer"], cfg["learning_rate"], cfg["momentum"]))
-    history, seconds = fit(
+        compile_for(model, cfg, len(y_train))
+    history, seconds, summary = fit_with(
+        cfg,
         model,
         feature_dataset(x_train, y_train, cfg["batch_size"], shuffle_seed=cfg["seed"]),
         feature_dataset(x_val, y_val, cfg["batch_size"]),
-        cfg["epochs"],
+        y_train,
+        n_classes,
         callbacks,
     )
-    return model, history, seconds
+    return model, history, seconds, summary
+
+
+PROBE_C = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # inverse L2 strengths tried by the converged linear probe
+
+
+def linear_probe(x_train, y_train, x_val, y_val, n_classes: int, cfg: dict, head: dict):
+    """The linear probe trained to convergence: multinomial logistic regression (L-BFGS, a convex problem) on
+    standardised features for each L2 strength in PROBE_C, the best validation accuracy kept (ties: the
+    lower validation loss), then written into the Keras head (standardisation folded into its weights).
+
+    The history has one row per strength tried (its "epoch" is the row number, ``C`` the strength).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+    from sklearn.preprocessing import StandardScaler
+
+    start = time.perf_counter()
+    x_train, x_val = (np.asarray(x, np.float64).reshape(len(x), -1) for x in (x_train, x_val))
+    scaler = StandardScaler().fit(x_train)
+    weights = class_weights(y_train, n_classes, cfg["class_weight"])
+    rows, fitted = [], []
+    for c in PROBE_C:
+        clf = LogisticRegression(C=c, max_iter=5000, class_weight=weights).fit(scaler.transform(x_train), y_train)
+        scores = {}
+        for split, x, y in (("", x_train, y_train), ("val_", x_val, y_val)):
+            proba = clf.predict_proba(scaler.transform(x))
+            scores[f"{split}loss"] = log_loss(y, proba, labels=clf.classes_)
+            scores[f"{split}accuracy"] = float(np.mean(clf.classes_[proba.argmax(1)] == y))
+        rows.append({"epoch": len(rows) + 1, **scores, "C": c})
+        fitted.append(clf)
+    history = pd.DataFrame(rows)
+    best = int(history.sort_values(["val_accuracy", "val_loss"], ascending=[False, True]).index[0])
+    model = build_head(x_train.shape[1:], n_classes, head, cfg["seed"])
+    model.get_layer("logits").set_weights(_folded(fitted[best], scaler, n_classes))
+    summary = {
+        "epochs_run": len(history),
+        "epoch_chosen": best + 1,
+        "val_accuracy": float(history["val_accuracy"].iloc[best]),
+        "class_weights": weights,
+        "probe_c": PROBE_C[best],
+    }
+    return model, history, time.perf_counter() - start, summary
+
+
+def _folded(clf, scaler, n_classes: int) -> list[np.ndarray]:
+    """[kernel, bias] of a Dense layer computing the classifier's logits on unscaled features."""
+    coef, intercept = clf.coef_, clf.intercept_
+    if coef.shape[0] == 1:  # two classes: scikit-learn keeps one vector; logits (0, w.x + b) give the same softmax
+        coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
+    kernel = np.zeros((coef.shape[1], n_classes))
+    bias = np.full(n_classes, -1e4)  # a class absent from training is never predicted
+    kernel[:, clf.classes_] = (coef / scaler.scale_).T
+    bias[clf.classes_] = intercept - (coef / scaler.scale_) @ scaler.mean_
+    return [kernel.astype(np.float32), bias.astype(np.float32)]
 
 
 def predict_logits(model: keras.Model, ds) -> np.ndarray:
