@@ -191,7 +191,7 @@ def test_exp_show_with_the_readmes_patterns_is_a_column_pair_per_run(repo):
     repo, env = repo
     readme = (ROOT / "README.md").read_text()
     drop = [
-        "(stages|transferlab|data|models|features|runs)(/|$)|results/(selftest|eval)",
+        "(stages|transferlab|data|models|features|cut|runs)(/|$)|results/(selftest|eval)",
         ".*:(?!(balanced_)?accuracy$)",
     ]
     assert f"dvc exp show --only-changed --drop '{drop[0]}' --drop '{drop[1]}'" in readme
