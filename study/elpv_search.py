@@ -67,8 +67,11 @@ def main(name: str, overrides: list[str], out: Path = Path("search.jsonl")) -> N
     raw = yaml.safe_load(Path("params.yaml").read_text())
     for item in overrides:
         key, value = item.split("=", 1)
-        section, sub = key.split(".", 1)
-        raw[section][sub] = yaml.safe_load(value)
+        *parents, last = key.split(".")
+        node = raw
+        for part in parents:
+            node = node[part]
+        node[last] = yaml.safe_load(value)
     params = validate(raw)
     ft, head_cfg, seed = params["finetune"], params["head"], params["train"]["seed"]
     (backbone,) = ft["backbones"]
