@@ -46,6 +46,8 @@ def test_params_yaml_defaults_are_the_plain_keras_fit_and_missing_keys_get_them(
     del raw["train"]["probe_solver"], raw["finetune"]["augmentation"]
     assert validate(raw) == p
     assert train.control_callbacks(CFG) == [] and train.class_weights([0, 1, 1], 2, "none") is None
+    old_section = {k: v for k, v in CFG.items() if k not in CONTROL_DEFAULTS and k != "probe_solver"}
+    assert train.with_controls(old_section) == CFG  # a section from before the controls: all off
     assert train.lr_schedule(CFG, 10) == CFG["learning_rate"]
 
 

@@ -17,6 +17,7 @@ import pandas as pd
 import tensorflow as tf
 
 from transferlab import precision
+from transferlab.params import CONTROL_DEFAULTS
 
 
 def seed_everything(seed: int) -> None:
@@ -145,6 +146,12 @@ def augmentation(method: str, preset: str, ablation: str) -> tuple[str | None, s
     return train_preset, used if ablation == "train_and_val" else None
 
 
+def with_controls(cfg: dict) -> dict:
+    """A train/finetune section with the training controls it leaves out set to their defaults (all off), so a
+    section written before the controls existed trains exactly as it did."""
+    return {**CONTROL_DEFAULTS, "probe_solver": "keras", **cfg}
+
+
 def lr_schedule(cfg: dict, steps_per_epoch: int):
     """The learning rate or schedule a train/finetune section asks for.
 
@@ -163,13 +170,14 @@ def lr_schedule(cfg: dict, steps_per_epoch: int):
 def optimizer_for(cfg: dict, n_train: int, batch_size: int | None = None):
     """The optimizer of a train/finetune section, its learning rate scheduled over ``n_train`` examples
     in batches of ``batch_size`` (the section's own by default)."""
+    cfg = with_controls(cfg)
     steps = -(-n_train // (batch_size or cfg["batch_size"]))
     return make_optimizer(cfg["optimizer"], lr_schedule(cfg, steps), cfg["momentum"])
 
 
 def control_callbacks(cfg: dict) -> list:
     """Early stopping on validation (best weights restored) and reduce-on-plateau, as the section asks."""
-    out = []
+    cfg, out = with_controls(cfg), []
     if cfg["lr_schedule"] == "plateau":
         out.append(
             keras.callbacks.ReduceLROnPlateau(
@@ -227,7 +235,7 @@ def compile_model(model: keras.Model, optimizer, label_smoothing: float = 0.0) -
 
 def compile_for(model: keras.Model, cfg: dict, n_train: int, batch_size: int | None = None) -> None:
     """Compile with a train/finetune section's optimizer, schedule and label smoothing."""
-    compile_model(model, optimizer_for(cfg, n_train, batch_size), cfg["label_smoothing"])
+    compile_model(model, optimizer_for(cfg, n_train, batch_size), with_controls(cfg)["label_smoothing"])
 
 
 class StopOnNonFinite(keras.callbacks.Callback):
@@ -278,6 +286,7 @@ def fit_with(cfg: dict, model: keras.Model, train_ds, val_ds, y_train, n_classes
     The record says which epoch's weights were kept: the best on ``early_stopping_monitor`` when
     early stopping is on (its weights restored), else the last; its validation accuracy is that epoch's.
     """
+    cfg = with_controls(cfg)
     controls = control_callbacks(cfg)
     weights = class_weights(y_train, n_classes, cfg["class_weight"])
     history, seconds = fit(model, train_ds, val_ds, cfg["epochs"], [*controls, *callbacks], weights)
@@ -330,6 +339,7 @@ def _row_reader(x):
 
 def train_head(x_train, y_train, x_val, y_val, n_classes: int, cfg: dict, head: dict, callbacks=()):
     """The bottleneck head on in-memory features; returns (model, history, seconds, what to record)."""
+    cfg = with_controls(cfg)
     seed_everything(cfg["seed"])
     if cfg["probe_solver"] == "lbfgs":  # params allow it only for the linear probe (head.units 0)
         return linear_probe(x_train, y_train, x_val, y_val, n_classes, cfg, head)
