@@ -43,6 +43,7 @@ every split, is always an error: leaving it out would silently change the task.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import importlib.metadata
@@ -55,12 +56,14 @@ import struct
 import sys
 import tempfile
 import time
+import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path, PurePosixPath
 
+import numpy as np
 import pandas as pd
 import PIL
 from PIL import Image, ImageFile, UnidentifiedImageError
@@ -185,8 +188,10 @@ def make_split(params: dict) -> Split:
     bad = list(scan.bad)
     candidates = _drop_colliding_ids(scan.candidates, bad)
 
-    rows, outside = [], {}
-    for (path, class_name, metadata), info in zip(candidates, _inspect_all(scan.root, candidates)):
+    scan.candidates = []  # the kept list is all that is needed: memory per file is what limits large folders
+    rows, outside = [], {}  # rows: (path, class_name, (sha256, width, height, mode, conversion), notes, metadata)
+    results = _inspect_all(scan.root, [path for path, _, _ in candidates])
+    for (path, class_name, metadata), info in zip(candidates, results):
         if isinstance(info, str):
             bad.append((path, info))
             continue
@@ -194,29 +199,28 @@ def make_split(params: dict) -> Split:
         inside = Path(target).is_relative_to(scan.root)
         if not inside:
             outside[path] = target
-        rows.append(
-            {"path": path, "class_name": class_name, **info, "notes": "" if inside else OUTSIDE_NOTE, **metadata}
-        )
+        rows.append((path, class_name, info, "" if inside else OUTSIDE_NOTE, metadata))
+    del candidates, results
     rows = _drop_label_conflicts(rows, bad)
 
-    present = {row["class_name"] for row in rows}
+    counts = collections.Counter(row[1] for row in rows)
     for name in scan.classes:
-        if name not in present:
+        if name not in counts:
             bad.append(
                 (f"{name}/", "empty class folder (no usable images)")
                 if params["source"] == "folder"
                 else ("labels.csv", f"no usable images labelled {name}")
             )
-    classes = [name for name in scan.classes if name in present]
+    classes = [name for name in scan.classes if name in counts]
     bad.sort()
 
     t, v = Fraction(str(params["test_fraction"])), Fraction(str(params["val_fraction"]))
-    counts = {name: sum(row["class_name"] == name for row in rows) for name in classes}
     fatal = _structural_problems(classes, counts, t, v)
     if (bad and params["bad_files"] == "error") or fatal:
         raise DataError(_problems_message(bad, fatal, scan.root, params["bad_files"]))
 
     manifest = _manifest(rows, classes)
+    del rows
     stratify_by = [c for c in params["stratify_by"] if c in manifest.columns]
     manifest["split"] = assign_splits(manifest, stratify_by, t, v, params["seed"])
     _check_every_split_used(manifest, classes, t, v)
@@ -253,31 +257,36 @@ def assign_splits(frame: pd.DataFrame, stratify_by: list[str], test_fraction, va
     (``sha256`` column) form one unit that goes to a single split.
     """
     t, v = Fraction(str(test_fraction)), Fraction(str(val_fraction))
-    units: dict[str, list] = {}  # sha256 -> row labels, in id order
-    for label, digest in frame.sort_values("id")["sha256"].items():
-        units.setdefault(digest, []).append(label)
-    # plain dicts, not per-row pandas lookups: those made this the slowest part of a 100k-image split
-    values = {column: frame[column].to_dict() for column in {"id", "class_name", *stratify_by}}
-    strata: dict[str, dict[tuple, list]] = {}  # class -> stratum -> units
-    for labels in units.values():
-        key = tuple(str(values[column][labels[0]]) for column in stratify_by)
-        strata.setdefault(values["class_name"][labels[0]], {}).setdefault(key, []).append(labels)
+    # positions and numpy arrays, not per-row dicts: memory per row is what limits a 100k-image split
+    ids = frame["id"].to_numpy()
+    order = np.argsort(ids, kind="stable")
+    codes = pd.factorize(frame["sha256"].to_numpy()[order])[0]  # one unit per distinct bytes, numbered in id order
+    leaders = order[np.unique(codes, return_index=True)[1]]  # each unit's first row in id order
+    unit_sizes = np.bincount(codes)
+    class_names = frame["class_name"].to_numpy()
+    strata_columns = [frame[column].to_numpy() for column in stratify_by]
+    strata: dict[str, dict[tuple, list[int]]] = {}  # class -> stratum -> units
+    for unit, row in enumerate(leaders.tolist()):
+        key = tuple(str(column[row]) for column in strata_columns)
+        strata.setdefault(class_names[row], {}).setdefault(key, []).append(unit)
 
-    chosen: dict = {}  # row label -> split name
+    chosen = np.empty(len(leaders), dtype=object)  # unit -> split name
     for class_strata in strata.values():
         keys = sorted(class_strata)
-        sizes = [sum(len(unit) for unit in class_strata[key]) for key in keys]
+        sizes = [int(unit_sizes[class_strata[key]].sum()) for key in keys]
         _, n_val, n_test = _split_sizes(sum(sizes), t, v)
         test_quota = _apportion(sizes, t, n_test)
         val_quota = _apportion([n - q for n, q in zip(sizes, test_quota)], v, n_val)
         for key, quota_test, quota_val in zip(keys, test_quota, val_quota):
             taken = {"test": 0, "val": 0}
-            for labels in sorted(class_strata[key], key=lambda u: _order_key(seed, values["id"][u[0]])):
+            for unit in sorted(class_strata[key], key=lambda u: _order_key(seed, ids[leaders[u]])):
                 name = "test" if taken["test"] < quota_test else "val" if taken["val"] < quota_val else "train"
                 if name != "train":
-                    taken[name] += len(labels)
-                chosen.update(dict.fromkeys(labels, name))
-    return pd.Series([chosen[label] for label in frame.index], index=frame.index, dtype=object)
+                    taken[name] += int(unit_sizes[unit])
+                chosen[unit] = name
+    names = np.empty(len(frame), dtype=object)
+    names[order] = chosen[codes]
+    return pd.Series(names, index=frame.index, dtype=object)
 
 
 def inspect_image(path: str | os.PathLike) -> dict:
@@ -519,50 +528,111 @@ def _drop_colliding_ids(candidates, bad):
     return kept
 
 
-def _inspect_all(root: Path, candidates) -> list[dict | str]:
-    """inspect_image for every candidate, reusing earlier results for files unchanged since (see _cache_file).
+def _inspect_all(root: Path, paths: list[str]) -> list[tuple | str]:
+    """inspect_image for every path, as (sha256, width, height, mode, conversion) or the reason it is bad, reusing
+    earlier results for files unchanged since (see _cache_file).
 
     New and changed files are checked in a thread pool: Pillow's decoders, hashlib and zlib release the GIL,
-    so the threads use every core without pickling results between processes.
+    so the threads use every core without pickling results between processes. Results are tuples whose
+    repeated values are shared objects, and file stats are numpy columns: a few hundred bytes per file.
     """
+    shared: dict = {}
 
     def check(path):
         try:
-            return inspect_image(root / path)
+            info = inspect_image(root / path)
         except BadFile as reason:
             return str(reason)
+        return (info["sha256"], *(shared.setdefault(info[key], info[key]) for key in _RESULT_FIELDS[1:]))
 
     started_ns = time.time_ns()
     cache_file = _cache_file(root)
     cached = _read_cache(cache_file)
-    stats = {}
-    for path, _, _ in candidates:
+    stats = np.full((len(paths), 3), -1, dtype=np.int64)  # size, mtime_ns, ctime_ns; size -1: no stat
+    inodes = np.zeros(len(paths), dtype=np.uint64)
+    for i, path in enumerate(paths):
         with contextlib.suppress(OSError):  # inspect_image says why the file cannot be read
             st = os.stat(root / path)
-            stats[path] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-    todo = [p for p, _, _ in candidates if p not in stats or cached.get(p, [None])[:4] != stats[p]]
+            stats[i], inodes[i] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns), st.st_ino
+    where = _cache_rows(cached, paths, stats, inodes)
+    todo = [path for path, row in zip(paths, where.tolist()) if row < 0]
     with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) * 4)) as pool:
-        fresh = dict(
-            zip(
-                todo,
+        fresh = iter(
+            list(
                 tqdm(
                     pool.map(check, todo),
                     total=len(todo),
-                    desc=f"split: hash + decode ({len(candidates) - len(todo)} unchanged files from the cache)",
+                    desc=f"split: hash + decode ({len(paths) - len(todo)} unchanged files from the cache)",
                     unit="img",
-                ),
+                )
             )
         )
-    results = [fresh[p] if p in fresh else cached[p][4] for p, _, _ in candidates]
+    texts = cached["texts"].tolist() if cached else []
+    results = [next(fresh) if row < 0 else _cached_result(cached, row, texts, shared) for row in where.tolist()]
+    del fresh, where
     settled = started_ns - RACY_NS
-    entries = {
-        p: [*stats[p], result]
-        for (p, _, _), result in zip(candidates, results)
-        if p in stats and stats[p][1] < settled and stats[p][2] < settled
-    }
-    if entries != cached:
+    keep = (stats[:, 0] >= 0) & (stats[:, 1] < settled) & (stats[:, 2] < settled)
+    entries = _cache_entries(
+        [p for p, k in zip(paths, keep.tolist()) if k],
+        stats[keep],
+        inodes[keep],
+        [r for r, k in zip(results, keep.tolist()) if k],
+    )
+    if not cached or any(not np.array_equal(entries[key], cached.get(key)) for key in entries):
         _write_cache(cache_file, entries)
     return results
+
+
+_RESULT_FIELDS = ("sha256", "width", "height", "mode", "conversion")
+
+
+def _cache_entries(paths: list[str], stats: np.ndarray, inodes: np.ndarray, results: list) -> dict[str, np.ndarray]:
+    """The cache's columns, sorted by path: path (UTF-8), stat, inode, sha256, width, height, and mode,
+    conversion and bad-file reason as indices into texts (-1: none)."""
+    texts: dict[str, int] = {}
+
+    def code(text):
+        return texts.setdefault(text, len(texts))
+
+    good = [r if isinstance(r, tuple) else ("", 0, 0, None, None) for r in results]
+    order = np.argsort(np.array([p.encode() for p in paths], dtype=bytes), kind="stable")
+    columns = {
+        "path": np.array([p.encode() for p in paths], dtype=bytes),
+        "stat": stats,
+        "inode": inodes,
+        "sha256": np.array([r[0].encode() for r in good], dtype="S64"),
+        "size": np.array([r[1:3] for r in good], dtype=np.int64).reshape(-1, 2),
+        "mode": np.array([code(r[3]) if r[3] is not None else -1 for r in good], dtype=np.int32),
+        "conversion": np.array([code(r[4]) if r[4] is not None else -1 for r in good], dtype=np.int32),
+        "reason": np.array([-1 if isinstance(r, tuple) else code(r) for r in results], dtype=np.int32),
+    }
+    columns = {key: column[order] for key, column in columns.items()}
+    columns["texts"] = np.array(list(texts), dtype=str)
+    return columns
+
+
+def _cache_rows(cached: dict, paths: list[str], stats: np.ndarray, inodes: np.ndarray) -> np.ndarray:
+    """Per path, its row in the cache when its stat and inode are unchanged, else -1."""
+    if not cached or not len(paths) or not len(cached["path"]):
+        return np.full(len(paths), -1, dtype=np.int64)
+    wanted = np.array([p.encode() for p in paths], dtype=bytes)
+    rows = np.minimum(np.searchsorted(cached["path"], wanted), len(cached["path"]) - 1)
+    same = (
+        (cached["path"][rows] == wanted)
+        & (cached["stat"][rows] == stats).all(axis=1)
+        & (cached["inode"][rows] == inodes)
+        & (stats[:, 0] >= 0)
+    )
+    return np.where(same, rows, -1)
+
+
+def _cached_result(cached: dict, row: int, texts: list[str], shared: dict) -> tuple | str:
+    reason = int(cached["reason"][row])
+    if reason >= 0:
+        return texts[reason]
+    width, height = cached["size"][row].tolist()
+    values = (width, height, texts[cached["mode"][row]], texts[cached["conversion"][row]])
+    return (cached["sha256"][row].decode(), *(shared.setdefault(value, value) for value in values))
 
 
 def _cache_file(root: Path) -> Path:
@@ -572,29 +642,34 @@ def _cache_file(root: Path) -> Path:
     reused only while its file's (size, mtime_ns, ctime_ns, inode) are unchanged."""
     version = [str(root), PIL.__version__, *(files.sha256_file(f) for f in (__file__, images.__file__))]
     key = hashlib.sha256(json.dumps(version).encode()).hexdigest()[:32]
-    return files.cache_dir() / "split" / f"{key}.json"
+    return files.cache_dir() / "split" / f"{key}.npz"
 
 
-def _read_cache(path: Path) -> dict:
-    """path -> [size, mtime_ns, ctime_ns, inode, result], or nothing when the file is missing or fails its
-    checksum (its first line is the sha256 of the second, the entries as JSON)."""
+def _read_cache(path: Path) -> dict[str, np.ndarray]:
+    """The cache's columns (see _cache_entries), or nothing when the file is missing or fails its checksum
+    (its first line is the sha256 of the rest, an uncompressed .npz)."""
     try:
-        checksum, _, payload = path.read_bytes().partition(b"\n")
+        data = path.read_bytes()
+        checksum, payload = data[:64], memoryview(data)[65:]
         if checksum.decode() == hashlib.sha256(payload).hexdigest():
-            return json.loads(payload)
-    except (OSError, ValueError):
+            with np.load(io.BytesIO(payload), allow_pickle=False) as npz:
+                return {key: npz[key] for key in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile):
         pass
     return {}
 
 
-def _write_cache(path: Path, entries: dict) -> None:
+def _write_cache(path: Path, entries: dict[str, np.ndarray]) -> None:
     """Replace the cache atomically under a unique scratch name: concurrent splits each leave a whole file.
     A cache that cannot be written only costs time next run, so it is reported, not fatal."""
-    payload = json.dumps(entries, separators=(",", ":")).encode()
+    buffer = io.BytesIO()
+    np.savez(buffer, **entries)
+    payload = buffer.getbuffer()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("wb", dir=path.parent, suffix=".tmp", delete=False) as out:
-            out.write(hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+            out.write(hashlib.sha256(payload).hexdigest().encode() + b"\n")
+            out.write(payload)
         os.replace(out.name, path)
     except OSError as error:
         print(f"split: cannot write the file cache {path} ({error}); all are read again next time", file=sys.stderr)
@@ -602,20 +677,23 @@ def _write_cache(path: Path, entries: dict) -> None:
             os.unlink(out.name)
 
 
-def _drop_label_conflicts(rows: list[dict], bad) -> list[dict]:
+def _drop_label_conflicts(rows: list[tuple], bad) -> list[tuple]:
     """The same bytes under two classes cannot both be right: flag every copy."""
-    by_hash: dict[str, list[dict]] = {}
+    first_class: dict[str, str] = {}
+    conflicting = set()
+    for _, class_name, info, _, _ in rows:
+        if first_class.setdefault(info[0], class_name) != class_name:
+            conflicting.add(info[0])
+    del first_class
+    conflicts: dict[str, list[tuple]] = {}
     for row in rows:
-        by_hash.setdefault(row["sha256"], []).append(row)
-    kept = []
-    for group in by_hash.values():
-        if len({row["class_name"] for row in group}) == 1:
-            kept += group
-            continue
-        for row in group:
-            other = min((r for r in group if r["class_name"] != row["class_name"]), key=lambda r: r["path"])
-            bad.append((row["path"], f"same bytes as {other['path']} labelled {other['class_name']}"))
-    return kept
+        if row[2][0] in conflicting:
+            conflicts.setdefault(row[2][0], []).append(row)
+    for group in conflicts.values():
+        for path, class_name, _, _, _ in group:
+            other = min((r for r in group if r[1] != class_name), key=lambda r: r[0])
+            bad.append((path, f"same bytes as {other[0]} labelled {other[1]}"))
+    return [row for row in rows if row[2][0] not in conflicts] if conflicts else rows
 
 
 def _structural_problems(classes, counts, t, v) -> list[str]:
@@ -709,13 +787,24 @@ def _order_key(seed: int, file_id: str) -> str:
 # ---------------------------------------------------------------- outputs
 
 
-def _manifest(rows: list[dict], classes: list[str]) -> pd.DataFrame:
-    frame = pd.DataFrame(rows)
-    frame.insert(0, "id", frame["path"].map(_file_id))
-    frame["class_index"] = frame["class_name"].map({name: i for i, name in enumerate(classes)})
-    frame["split"] = ""
-    metadata = [c for c in frame.columns if c not in MANIFEST_COLUMNS]
-    return frame[MANIFEST_COLUMNS + metadata].sort_values("id", ignore_index=True)
+def _manifest(rows: list[tuple], classes: list[str]) -> pd.DataFrame:
+    """The manifest sorted by id, built column by column (no per-row dicts)."""
+    ids = [_file_id(row[0]) for row in rows]
+    order = sorted(range(len(rows)), key=ids.__getitem__)
+    index = {name: i for i, name in enumerate(classes)}
+    metadata = list(dict.fromkeys(key for row in rows for key in row[4]))
+    columns = {
+        "id": [ids[i] for i in order],
+        "path": [rows[i][0] for i in order],
+        "class_name": [rows[i][1] for i in order],
+        "class_index": np.array([index[rows[i][1]] for i in order], dtype=np.int64),
+        "split": "",
+        **{name: [rows[i][2][k] for i in order] for k, name in enumerate(_RESULT_FIELDS)},
+        "notes": [rows[i][3] for i in order],
+        **{key: [rows[i][4].get(key, np.nan) for i in order] for key in metadata},
+    }
+    del ids, order
+    return pd.DataFrame({column: columns.pop(column) for column in MANIFEST_COLUMNS + metadata})
 
 
 def _summary(manifest, classes, bad_files, stratify_by, params) -> dict:
