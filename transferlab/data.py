@@ -56,12 +56,13 @@ import struct
 import sys
 import tempfile
 import time
+import types
 import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -91,6 +92,7 @@ ELPV_INFO = {
 _PNG_END = b"IEND\xaeB`\x82"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 OUTSIDE_NOTE = "symlink to a file outside the data folder"
+_NO_METADATA = types.MappingProxyType({})  # shared by every file of a folder source (one dict per file adds up)
 # a file changed this shortly before a split may change again without its mtime moving: never cached
 RACY_NS = 2 * 10**9
 
@@ -417,7 +419,7 @@ def _scan_folder(folder) -> _Scan:
     candidates = []
     for path in found:
         if "/" in path:
-            candidates.append((path, path.split("/", 1)[0], {}))
+            candidates.append((path, path.split("/", 1)[0], _NO_METADATA))
         else:
             bad.append((path, "file outside any class folder (only subfolders are classes)"))
     return _Scan(root, classes, candidates, bad)
@@ -506,8 +508,12 @@ def elpv_class(probability: str) -> int | None:
 
 
 def _file_id(path: str) -> str:
-    """Stable id: the path without its extension (``cat/img_001``)."""
-    return str(PurePosixPath(path).with_suffix(""))
+    """Stable id: the path without its extension (``cat/img_001``), as PurePosixPath.with_suffix("") gives it.
+
+    String operations, not pathlib: Python 3.11's pathlib interns every path part for good (~190 B per file)."""
+    head, slash, name = path.rpartition("/")
+    dot = name.rfind(".")
+    return head + slash + name[:dot] if 0 < dot < len(name) - 1 else path
 
 
 def _drop_colliding_ids(candidates, bad):
@@ -560,7 +566,7 @@ def _inspect_all(root: Path, paths: list[str]) -> list[tuple | str]:
         fresh = iter(
             list(
                 tqdm(
-                    pool.map(check, todo),
+                    _bounded_map(pool, check, todo),
                     total=len(todo),
                     desc=f"split: hash + decode ({len(paths) - len(todo)} unchanged files from the cache)",
                     unit="img",
@@ -586,6 +592,18 @@ def _inspect_all(root: Path, paths: list[str]) -> list[tuple | str]:
 _RESULT_FIELDS = ("sha256", "width", "height", "mode", "conversion")
 
 
+def _bounded_map(pool: ThreadPoolExecutor, function, items: list, window: int = 256):
+    """pool.map's results in order, with at most ``window`` tasks in flight: pool.map submits every item at
+    once, and a pending future per file (about 1.5 KiB each) made the split's memory grow with the folder."""
+    pending = collections.deque()
+    for item in items:
+        pending.append(pool.submit(function, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
 def _cache_entries(paths: list[str], stats: np.ndarray, inodes: np.ndarray, results: list) -> dict[str, np.ndarray]:
     """The cache's columns, sorted by path: path (UTF-8), stat, inode, sha256, width, height, and mode,
     conversion and bad-file reason as indices into texts (-1: none)."""
@@ -595,17 +613,19 @@ def _cache_entries(paths: list[str], stats: np.ndarray, inodes: np.ndarray, resu
         return texts.setdefault(text, len(texts))
 
     good = [r if isinstance(r, tuple) else ("", 0, 0, None, None) for r in results]
-    order = np.argsort(np.array([p.encode() for p in paths], dtype=bytes), kind="stable")
+    encoded = np.array([p.encode() for p in paths], dtype=bytes)
     columns = {
-        "path": np.array([p.encode() for p in paths], dtype=bytes),
+        "path": encoded,
         "stat": stats,
         "inode": inodes,
         "sha256": np.array([r[0].encode() for r in good], dtype="S64"),
-        "size": np.array([r[1:3] for r in good], dtype=np.int64).reshape(-1, 2),
-        "mode": np.array([code(r[3]) if r[3] is not None else -1 for r in good], dtype=np.int32),
-        "conversion": np.array([code(r[4]) if r[4] is not None else -1 for r in good], dtype=np.int32),
-        "reason": np.array([-1 if isinstance(r, tuple) else code(r) for r in results], dtype=np.int32),
+        "size": np.fromiter((n for r in good for n in r[1:3]), dtype=np.int64, count=2 * len(good)).reshape(-1, 2),
+        "mode": np.fromiter((-1 if r[3] is None else code(r[3]) for r in good), dtype=np.int32, count=len(good)),
+        "conversion": np.fromiter((-1 if r[4] is None else code(r[4]) for r in good), dtype=np.int32, count=len(good)),
+        "reason": np.fromiter((-1 if isinstance(r, tuple) else code(r) for r in results), np.int32, len(results)),
     }
+    del good
+    order = np.argsort(encoded, kind="stable")
     columns = {key: column[order] for key, column in columns.items()}
     columns["texts"] = np.array(list(texts), dtype=str)
     return columns
