@@ -193,12 +193,14 @@ def make_split(params: dict) -> Split:
     scan.candidates = []  # the kept list is all that is needed: memory per file is what limits large folders
     rows, outside = [], {}  # rows: (path, class_name, (sha256, width, height, mode, conversion), notes, metadata)
     results = _inspect_all(scan.root, [path for path, _, _ in candidates])
+    # strings, not pathlib, per file here and in _inspect_all: Python 3.11's pathlib interns every path part for good
+    inside_prefix = os.path.join(scan.root, "")
     for (path, class_name, metadata), info in zip(candidates, results):
         if isinstance(info, str):
             bad.append((path, info))
             continue
-        target = os.path.realpath(scan.root / path)
-        inside = Path(target).is_relative_to(scan.root)
+        target = os.path.realpath(os.path.join(scan.root, path))
+        inside = target.startswith(inside_prefix) or target == str(scan.root)
         if not inside:
             outside[path] = target
         rows.append((path, class_name, info, "" if inside else OUTSIDE_NOTE, metadata))
@@ -298,7 +300,8 @@ def inspect_image(path: str | os.PathLike) -> dict:
     Raises :class:`BadFile` with the reason when the file cannot be used.
     """
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as file:  # not Path(path): pathlib interns the parts (see make_split)
+            data = file.read()
     except OSError as error:
         raise BadFile(f"unreadable ({type(error).__name__}: {error.strerror})") from None
     if not data:
@@ -416,10 +419,11 @@ def _scan_folder(folder) -> _Scan:
         raise DataError(f"data.folder {folder!r} is not a directory (resolved to {root})")
     found, bad = walk(root)
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and _unusable_name(e.name, "folder") is None)
-    candidates = []
+    candidates, class_names = [], {}  # one class-name string shared by its files
     for path in found:
         if "/" in path:
-            candidates.append((path, path.split("/", 1)[0], _NO_METADATA))
+            name = path.split("/", 1)[0]
+            candidates.append((path, class_names.setdefault(name, name), _NO_METADATA))
         else:
             bad.append((path, "file outside any class folder (only subfolders are classes)"))
     return _Scan(root, classes, candidates, bad)
@@ -546,7 +550,7 @@ def _inspect_all(root: Path, paths: list[str]) -> list[tuple | str]:
 
     def check(path):
         try:
-            info = inspect_image(root / path)
+            info = inspect_image(os.path.join(root, path))
         except BadFile as reason:
             return str(reason)
         return (info["sha256"], *(shared.setdefault(info[key], info[key]) for key in _RESULT_FIELDS[1:]))
@@ -558,7 +562,7 @@ def _inspect_all(root: Path, paths: list[str]) -> list[tuple | str]:
     inodes = np.zeros(len(paths), dtype=np.uint64)
     for i, path in enumerate(paths):
         with contextlib.suppress(OSError):  # inspect_image says why the file cannot be read
-            st = os.stat(root / path)
+            st = os.stat(os.path.join(root, path))
             stats[i], inodes[i] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns), st.st_ino
     where = _cache_rows(cached, paths, stats, inodes)
     todo = [path for path, row in zip(paths, where.tolist()) if row < 0]
@@ -578,14 +582,15 @@ def _inspect_all(root: Path, paths: list[str]) -> list[tuple | str]:
     del fresh, where
     settled = started_ns - RACY_NS
     keep = (stats[:, 0] >= 0) & (stats[:, 1] < settled) & (stats[:, 2] < settled)
-    entries = _cache_entries(
-        [p for p, k in zip(paths, keep.tolist()) if k],
-        stats[keep],
-        inodes[keep],
-        [r for r, k in zip(results, keep.tolist()) if k],
-    )
-    if not cached or any(not np.array_equal(entries[key], cached.get(key)) for key in entries):
-        _write_cache(cache_file, entries)
+    if todo or not cached or not keep.all() or len(cached["path"]) != len(paths):  # else: the cache, row for row
+        entries = _cache_entries(
+            [p for p, k in zip(paths, keep.tolist()) if k],
+            stats[keep],
+            inodes[keep],
+            [r for r, k in zip(results, keep.tolist()) if k],
+        )
+        if not cached or any(not np.array_equal(entries[key], cached.get(key)) for key in entries):
+            _write_cache(cache_file, entries)
     return results
 
 
@@ -667,13 +672,17 @@ def _cache_file(root: Path) -> Path:
 
 def _read_cache(path: Path) -> dict[str, np.ndarray]:
     """The cache's columns (see _cache_entries), or nothing when the file is missing or fails its checksum
-    (its first line is the sha256 of the rest, an uncompressed .npz)."""
+    (its first line is the sha256 of the rest, an uncompressed .npz). Hashed and loaded from the file in
+    pieces, never held whole as bytes."""
     try:
-        data = path.read_bytes()
-        checksum, payload = data[:64], memoryview(data)[65:]
-        if checksum.decode() == hashlib.sha256(payload).hexdigest():
-            with np.load(io.BytesIO(payload), allow_pickle=False) as npz:
-                return {key: npz[key] for key in npz.files}
+        with open(path, "rb") as file:
+            checksum, digest = file.read(65)[:64], hashlib.sha256()
+            while chunk := file.read(1 << 20):
+                digest.update(chunk)
+            if checksum.decode() == digest.hexdigest():
+                file.seek(65)
+                with np.load(file, allow_pickle=False) as npz:
+                    return {key: npz[key] for key in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile):
         pass
     return {}
@@ -681,15 +690,19 @@ def _read_cache(path: Path) -> dict[str, np.ndarray]:
 
 def _write_cache(path: Path, entries: dict[str, np.ndarray]) -> None:
     """Replace the cache atomically under a unique scratch name: concurrent splits each leave a whole file.
-    A cache that cannot be written only costs time next run, so it is reported, not fatal."""
-    buffer = io.BytesIO()
-    np.savez(buffer, **entries)
-    payload = buffer.getbuffer()
+    A cache that cannot be written only costs time next run, so it is reported, not fatal. The .npz goes
+    straight to the file (its offsets count the checksum line) and is hashed back from it."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("wb", dir=path.parent, suffix=".tmp", delete=False) as out:
-            out.write(hashlib.sha256(payload).hexdigest().encode() + b"\n")
-            out.write(payload)
+        with tempfile.NamedTemporaryFile("w+b", dir=path.parent, suffix=".tmp", delete=False) as out:
+            out.write(b"0" * 64 + b"\n")
+            np.savez(out, **entries)
+            out.seek(65)
+            digest = hashlib.sha256()
+            while chunk := out.read(1 << 20):
+                digest.update(chunk)
+            out.seek(0)
+            out.write(digest.hexdigest().encode())
         os.replace(out.name, path)
     except OSError as error:
         print(f"split: cannot write the file cache {path} ({error}); all are read again next time", file=sys.stderr)
