@@ -831,13 +831,21 @@ def _manifest(rows: list[tuple], classes: list[str]) -> pd.DataFrame:
         "path": [rows[i][0] for i in order],
         "class_name": [rows[i][1] for i in order],
         "class_index": np.array([index[rows[i][1]] for i in order], dtype=np.int64),
-        "split": "",
+        "split": [""] * len(rows),
         **{name: [rows[i][2][k] for i in order] for k, name in enumerate(_RESULT_FIELDS)},
         "notes": [rows[i][3] for i in order],
         **{key: [rows[i][4].get(key, np.nan) for i in order] for key in metadata},
     }
     del ids, order
-    return pd.DataFrame({column: columns.pop(column) for column in MANIFEST_COLUMNS + metadata})
+    # text columns hold the records' own str objects: pandas' default (pyarrow) storage would copy every string
+    # into Arrow's memory pool, and each filtered frame of the summary again
+    text = pd.StringDtype("python", na_value=np.nan)
+    return pd.DataFrame(
+        {
+            column: pd.array(columns.pop(column), dtype=text) if column in _STRING_COLUMNS else columns.pop(column)
+            for column in MANIFEST_COLUMNS + metadata
+        }
+    )
 
 
 def _summary(manifest, classes, bad_files, stratify_by, params) -> dict:
