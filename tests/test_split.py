@@ -533,3 +533,54 @@ def test_dvc_repro_runs_the_stage_then_finds_it_up_to_date(tree, tmp_path):
     second = _run([sys.executable, "-m", "dvc", "repro"], work)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "Stage 'split' didn't change" in second.stdout and "Running stage" not in second.stdout
+
+
+# ---------------------------------------------------------------- outputs pinned to the bytes of the per-row code
+
+# sha256 of data/split's files as the split wrote them before its records became columns (per-row dicts, a JSON
+# file cache): memory per file went down, the bytes every downstream fingerprint hashes must not move
+PINNED_FOLDER = {
+    "bad_files.csv": "a7765fa801326601304f6853cc2368118b9dd083cbe95aa41f6cd9151479478b",
+    "classes.json": "55b24af14c7be0a17eb26099a63328ecdae30358dc34b1884195ad9f44b5c36b",
+    "manifest.csv": "401d73cd2051af9038f1286be7e2f015bb4e6fdd6d73381dcf34a869bda6727f",
+    "summary.json": "6ed66d12620658311c2b529ccd60e684801a053ac6a7f6621c82386405f50b09",
+}
+PINNED_ELPV = {
+    "bad_files.csv": "d1551e208269aee28abe97af78fd4f27ecfb6e656e98e06384506702de26a627",
+    "classes.json": "780afa1c3af9ee73f3ec00684ab8ff9e431a51e39223a674312875484a90571f",
+    "manifest.csv": "768a4a8e0b9f71d187bf0547ba0d2fa5725bc210500713f7ef3b1953e5c1a80b",
+    "summary.json": "3ab5881f9ff2d6ce970ede846c3aa709e21d3b2736921cc8e218aba549382a77",
+}
+
+
+def pinned_outputs(split: data.Split, out: Path) -> dict[str, str]:
+    data.write_split(split, out)
+    return {p.name: files.sha256_file(p) for p in sorted(out.iterdir()) if p.name != "source.json"}
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["first", "cached"])
+def test_outputs_keep_the_bytes_of_the_per_row_split(tmp_path, monkeypatch, cached):
+    """BMP files (uncompressed: the same bytes under any zlib) with a duplicate, a label conflict, a bad and a
+    hidden file; and an ELPV-style tree with metadata stratified on. Run twice, the second from the file cache."""
+    monkeypatch.setenv("TRANSFERLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "RACY_NS", 0)
+    root = make_image_tree(tmp_path / "images", SIZES, size=8, suffix=".bmp")
+    shutil.copy(root / "a" / "img_001.bmp", root / "a" / "dup.bmp")
+    shutil.copy(root / "b" / "img_002.bmp", root / "c" / "conflict.bmp")
+    (root / "c" / "notes.txt").write_text("not an image")
+    (root / "a" / ".DS_Store").write_bytes(b"\0\1")
+    elpv = tmp_path / "elpv"
+    (elpv / "images").mkdir(parents=True)
+    lines = []
+    for i in range(40):
+        Image.fromarray(make_image(i % 4, 4, size=8, seed=i)[..., 0]).save(elpv / "images" / f"cell{i:04d}.bmp")
+        lines.append(f"images/cell{i:04d}.bmp  {data.ELPV_PROBABILITIES[i % 4]!r} {'mono' if i % 8 < 3 else 'poly'}")
+    (elpv / "labels.csv").write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(data, "elpv_root", lambda: elpv)
+    for run in range(2 if cached else 1):
+        folder = pinned_outputs(
+            data.make_split(folder_params(root, bad_files="skip", stratify_by=[], seed=3)), tmp_path / f"f{run}"
+        )
+        elpv_split = pinned_outputs(data.make_split(elpv_params()), tmp_path / f"e{run}")
+    assert folder == PINNED_FOLDER
+    assert elpv_split == PINNED_ELPV

@@ -7,6 +7,7 @@ import os
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import make_image_tree
 
@@ -70,10 +71,13 @@ def test_a_changed_file_is_checked_again_even_with_its_old_size_and_mtime(tree, 
 
 def test_a_damaged_cache_is_ignored(tree, tmp_path, opened):
     first = written(data.make_split(params(tree)), tmp_path / "first")
-    (cache,) = (tmp_path / "cache" / "split").glob("*.json")
-    text = cache.read_text()
-    assert '"height":16' in text
-    cache.write_text(text.replace('"height":16', '"height":17', 1))  # its checksum no longer matches
+    (cache,) = (tmp_path / "cache" / "split").glob("*.npz")
+    entries = data._read_cache(cache)
+    assert entries["size"].tolist() == [[16, 16]] * 24
+    entries["size"][3] = 17, 16
+    checksum = cache.read_bytes()[:65]
+    data._write_cache(cache, entries)
+    cache.write_bytes(checksum + cache.read_bytes()[65:])  # plausible entries, but the checksum no longer matches
     opened.clear()
     assert written(data.make_split(params(tree)), tmp_path / "again") == first
     assert len(opened) == 24
@@ -88,19 +92,20 @@ def test_recent_files_are_not_cached(tree, tmp_path, opened, monkeypatch):
 
 
 def test_concurrent_writers_leave_one_whole_cache(tmp_path):
-    path = tmp_path / "split" / "x.json"
-    versions = [{f"f{i}": [i, 0, 0, 0, "x" * 50_000]} for i in range(8)]
+    path = tmp_path / "split" / "x.npz"
+    versions = [{"stat": np.full((50_000, 3), i)} for i in range(8)]
     threads = [threading.Thread(target=data._write_cache, args=(path, v)) for v in versions for _ in range(3)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert data._read_cache(path) in versions
-    assert [p.name for p in path.parent.iterdir()] == ["x.json"]  # no scratch file left
+    read = data._read_cache(path)["stat"]
+    assert read.shape == (50_000, 3) and len(np.unique(read)) == 1
+    assert [p.name for p in path.parent.iterdir()] == ["x.npz"]  # no scratch file left
 
 
 def test_cache_lives_under_transferlab_cache(tree, tmp_path):
     data.make_split(params(tree))
-    (cache,) = (tmp_path / "cache" / "split").glob("*.json")
+    (cache,) = (tmp_path / "cache" / "split").glob("*.npz")
     entries = data._read_cache(cache)
-    assert sorted(entries) == sorted(p.relative_to(tree).as_posix() for p in tree.rglob("*.png"))
+    assert entries["path"].astype(str).tolist() == sorted(p.relative_to(tree).as_posix() for p in tree.rglob("*.png"))

@@ -43,6 +43,7 @@ every split, is always an error: leaving it out would silently change the task.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import importlib.metadata
@@ -55,12 +56,15 @@ import struct
 import sys
 import tempfile
 import time
+import types
+import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import PIL
 from PIL import Image, ImageFile, UnidentifiedImageError
@@ -88,6 +92,7 @@ ELPV_INFO = {
 _PNG_END = b"IEND\xaeB`\x82"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 OUTSIDE_NOTE = "symlink to a file outside the data folder"
+_NO_METADATA = types.MappingProxyType({})  # shared by every file of a folder source (one dict per file adds up)
 # a file changed this shortly before a split may change again without its mtime moving: never cached
 RACY_NS = 2 * 10**9
 
@@ -185,38 +190,41 @@ def make_split(params: dict) -> Split:
     bad = list(scan.bad)
     candidates = _drop_colliding_ids(scan.candidates, bad)
 
-    rows, outside = [], {}
-    for (path, class_name, metadata), info in zip(candidates, _inspect_all(scan.root, candidates)):
+    scan.candidates = []  # the kept list is all that is needed: memory per file is what limits large folders
+    rows, outside = [], {}  # rows: (path, class_name, (sha256, width, height, mode, conversion), notes, metadata)
+    results = _inspect_all(scan.root, [path for path, _, _ in candidates])
+    # strings, not pathlib, per file here and in _inspect_all: Python 3.11's pathlib interns every path part for good
+    inside_prefix = os.path.join(scan.root, "")
+    for (path, class_name, metadata), info in zip(candidates, results):
         if isinstance(info, str):
             bad.append((path, info))
             continue
-        target = os.path.realpath(scan.root / path)
-        inside = Path(target).is_relative_to(scan.root)
+        target = os.path.realpath(os.path.join(scan.root, path))
+        inside = target.startswith(inside_prefix) or target == str(scan.root)
         if not inside:
             outside[path] = target
-        rows.append(
-            {"path": path, "class_name": class_name, **info, "notes": "" if inside else OUTSIDE_NOTE, **metadata}
-        )
+        rows.append((path, class_name, info, "" if inside else OUTSIDE_NOTE, metadata))
+    del candidates, results
     rows = _drop_label_conflicts(rows, bad)
 
-    present = {row["class_name"] for row in rows}
+    counts = collections.Counter(row[1] for row in rows)
     for name in scan.classes:
-        if name not in present:
+        if name not in counts:
             bad.append(
                 (f"{name}/", "empty class folder (no usable images)")
                 if params["source"] == "folder"
                 else ("labels.csv", f"no usable images labelled {name}")
             )
-    classes = [name for name in scan.classes if name in present]
+    classes = [name for name in scan.classes if name in counts]
     bad.sort()
 
     t, v = Fraction(str(params["test_fraction"])), Fraction(str(params["val_fraction"]))
-    counts = {name: sum(row["class_name"] == name for row in rows) for name in classes}
     fatal = _structural_problems(classes, counts, t, v)
     if (bad and params["bad_files"] == "error") or fatal:
         raise DataError(_problems_message(bad, fatal, scan.root, params["bad_files"]))
 
     manifest = _manifest(rows, classes)
+    del rows
     stratify_by = [c for c in params["stratify_by"] if c in manifest.columns]
     manifest["split"] = assign_splits(manifest, stratify_by, t, v, params["seed"])
     _check_every_split_used(manifest, classes, t, v)
@@ -253,31 +261,36 @@ def assign_splits(frame: pd.DataFrame, stratify_by: list[str], test_fraction, va
     (``sha256`` column) form one unit that goes to a single split.
     """
     t, v = Fraction(str(test_fraction)), Fraction(str(val_fraction))
-    units: dict[str, list] = {}  # sha256 -> row labels, in id order
-    for label, digest in frame.sort_values("id")["sha256"].items():
-        units.setdefault(digest, []).append(label)
-    # plain dicts, not per-row pandas lookups: those made this the slowest part of a 100k-image split
-    values = {column: frame[column].to_dict() for column in {"id", "class_name", *stratify_by}}
-    strata: dict[str, dict[tuple, list]] = {}  # class -> stratum -> units
-    for labels in units.values():
-        key = tuple(str(values[column][labels[0]]) for column in stratify_by)
-        strata.setdefault(values["class_name"][labels[0]], {}).setdefault(key, []).append(labels)
+    # positions and numpy arrays, not per-row dicts: memory per row is what limits a 100k-image split
+    ids = frame["id"].to_numpy()
+    order = np.argsort(ids, kind="stable")
+    codes = pd.factorize(frame["sha256"].to_numpy()[order])[0]  # one unit per distinct bytes, numbered in id order
+    leaders = order[np.unique(codes, return_index=True)[1]]  # each unit's first row in id order
+    unit_sizes = np.bincount(codes)
+    class_names = frame["class_name"].to_numpy()
+    strata_columns = [frame[column].to_numpy() for column in stratify_by]
+    strata: dict[str, dict[tuple, list[int]]] = {}  # class -> stratum -> units
+    for unit, row in enumerate(leaders.tolist()):
+        key = tuple(str(column[row]) for column in strata_columns)
+        strata.setdefault(class_names[row], {}).setdefault(key, []).append(unit)
 
-    chosen: dict = {}  # row label -> split name
+    chosen = np.empty(len(leaders), dtype=object)  # unit -> split name
     for class_strata in strata.values():
         keys = sorted(class_strata)
-        sizes = [sum(len(unit) for unit in class_strata[key]) for key in keys]
+        sizes = [int(unit_sizes[class_strata[key]].sum()) for key in keys]
         _, n_val, n_test = _split_sizes(sum(sizes), t, v)
         test_quota = _apportion(sizes, t, n_test)
         val_quota = _apportion([n - q for n, q in zip(sizes, test_quota)], v, n_val)
         for key, quota_test, quota_val in zip(keys, test_quota, val_quota):
             taken = {"test": 0, "val": 0}
-            for labels in sorted(class_strata[key], key=lambda u: _order_key(seed, values["id"][u[0]])):
+            for unit in sorted(class_strata[key], key=lambda u: _order_key(seed, ids[leaders[u]])):
                 name = "test" if taken["test"] < quota_test else "val" if taken["val"] < quota_val else "train"
                 if name != "train":
-                    taken[name] += len(labels)
-                chosen.update(dict.fromkeys(labels, name))
-    return pd.Series([chosen[label] for label in frame.index], index=frame.index, dtype=object)
+                    taken[name] += int(unit_sizes[unit])
+                chosen[unit] = name
+    names = np.empty(len(frame), dtype=object)
+    names[order] = chosen[codes]
+    return pd.Series(names, index=frame.index, dtype=object)
 
 
 def inspect_image(path: str | os.PathLike) -> dict:
@@ -287,7 +300,8 @@ def inspect_image(path: str | os.PathLike) -> dict:
     Raises :class:`BadFile` with the reason when the file cannot be used.
     """
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as file:  # not Path(path): pathlib interns the parts (see make_split)
+            data = file.read()
     except OSError as error:
         raise BadFile(f"unreadable ({type(error).__name__}: {error.strerror})") from None
     if not data:
@@ -405,10 +419,11 @@ def _scan_folder(folder) -> _Scan:
         raise DataError(f"data.folder {folder!r} is not a directory (resolved to {root})")
     found, bad = walk(root)
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and _unusable_name(e.name, "folder") is None)
-    candidates = []
+    candidates, class_names = [], {}  # one class-name string shared by its files
     for path in found:
         if "/" in path:
-            candidates.append((path, path.split("/", 1)[0], {}))
+            name = path.split("/", 1)[0]
+            candidates.append((path, class_names.setdefault(name, name), _NO_METADATA))
         else:
             bad.append((path, "file outside any class folder (only subfolders are classes)"))
     return _Scan(root, classes, candidates, bad)
@@ -497,8 +512,12 @@ def elpv_class(probability: str) -> int | None:
 
 
 def _file_id(path: str) -> str:
-    """Stable id: the path without its extension (``cat/img_001``)."""
-    return str(PurePosixPath(path).with_suffix(""))
+    """Stable id: the path without its extension (``cat/img_001``), as PurePosixPath.with_suffix("") gives it.
+
+    String operations, not pathlib: Python 3.11's pathlib interns every path part for good (~190 B per file)."""
+    head, slash, name = path.rpartition("/")
+    dot = name.rfind(".")
+    return head + slash + name[:dot] if 0 < dot < len(name) - 1 else path
 
 
 def _drop_colliding_ids(candidates, bad):
@@ -519,50 +538,126 @@ def _drop_colliding_ids(candidates, bad):
     return kept
 
 
-def _inspect_all(root: Path, candidates) -> list[dict | str]:
-    """inspect_image for every candidate, reusing earlier results for files unchanged since (see _cache_file).
+def _inspect_all(root: Path, paths: list[str]) -> list[tuple | str]:
+    """inspect_image for every path, as (sha256, width, height, mode, conversion) or the reason it is bad, reusing
+    earlier results for files unchanged since (see _cache_file).
 
     New and changed files are checked in a thread pool: Pillow's decoders, hashlib and zlib release the GIL,
-    so the threads use every core without pickling results between processes.
+    so the threads use every core without pickling results between processes. Results are tuples whose
+    repeated values are shared objects, and file stats are numpy columns: a few hundred bytes per file.
     """
+    shared: dict = {}
 
     def check(path):
         try:
-            return inspect_image(root / path)
+            info = inspect_image(os.path.join(root, path))
         except BadFile as reason:
             return str(reason)
+        return (info["sha256"], *(shared.setdefault(info[key], info[key]) for key in _RESULT_FIELDS[1:]))
 
     started_ns = time.time_ns()
     cache_file = _cache_file(root)
     cached = _read_cache(cache_file)
-    stats = {}
-    for path, _, _ in candidates:
+    stats = np.full((len(paths), 3), -1, dtype=np.int64)  # size, mtime_ns, ctime_ns; size -1: no stat
+    inodes = np.zeros(len(paths), dtype=np.uint64)
+    for i, path in enumerate(paths):
         with contextlib.suppress(OSError):  # inspect_image says why the file cannot be read
-            st = os.stat(root / path)
-            stats[path] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-    todo = [p for p, _, _ in candidates if p not in stats or cached.get(p, [None])[:4] != stats[p]]
+            st = os.stat(os.path.join(root, path))
+            stats[i], inodes[i] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns), st.st_ino
+    where = _cache_rows(cached, paths, stats, inodes)
+    todo = [path for path, row in zip(paths, where.tolist()) if row < 0]
     with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) * 4)) as pool:
-        fresh = dict(
-            zip(
-                todo,
+        fresh = iter(
+            list(
                 tqdm(
-                    pool.map(check, todo),
+                    _bounded_map(pool, check, todo),
                     total=len(todo),
-                    desc=f"split: hash + decode ({len(candidates) - len(todo)} unchanged files from the cache)",
+                    desc=f"split: hash + decode ({len(paths) - len(todo)} unchanged files from the cache)",
                     unit="img",
-                ),
+                )
             )
         )
-    results = [fresh[p] if p in fresh else cached[p][4] for p, _, _ in candidates]
+    texts = cached["texts"].tolist() if cached else []
+    results = [next(fresh) if row < 0 else _cached_result(cached, row, texts, shared) for row in where.tolist()]
+    del fresh, where
     settled = started_ns - RACY_NS
-    entries = {
-        p: [*stats[p], result]
-        for (p, _, _), result in zip(candidates, results)
-        if p in stats and stats[p][1] < settled and stats[p][2] < settled
-    }
-    if entries != cached:
-        _write_cache(cache_file, entries)
+    keep = (stats[:, 0] >= 0) & (stats[:, 1] < settled) & (stats[:, 2] < settled)
+    if todo or not cached or not keep.all() or len(cached["path"]) != len(paths):  # else: the cache, row for row
+        entries = _cache_entries(
+            [p for p, k in zip(paths, keep.tolist()) if k],
+            stats[keep],
+            inodes[keep],
+            [r for r, k in zip(results, keep.tolist()) if k],
+        )
+        if not cached or any(not np.array_equal(entries[key], cached.get(key)) for key in entries):
+            _write_cache(cache_file, entries)
     return results
+
+
+_RESULT_FIELDS = ("sha256", "width", "height", "mode", "conversion")
+
+
+def _bounded_map(pool: ThreadPoolExecutor, function, items: list, window: int = 256):
+    """pool.map's results in order, with at most ``window`` tasks in flight: pool.map submits every item at
+    once, and a pending future per file (about 1.5 KiB each) made the split's memory grow with the folder."""
+    pending = collections.deque()
+    for item in items:
+        pending.append(pool.submit(function, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _cache_entries(paths: list[str], stats: np.ndarray, inodes: np.ndarray, results: list) -> dict[str, np.ndarray]:
+    """The cache's columns, sorted by path: path (UTF-8), stat, inode, sha256, width, height, and mode,
+    conversion and bad-file reason as indices into texts (-1: none)."""
+    texts: dict[str, int] = {}
+
+    def code(text):
+        return texts.setdefault(text, len(texts))
+
+    good = [r if isinstance(r, tuple) else ("", 0, 0, None, None) for r in results]
+    encoded = np.array([p.encode() for p in paths], dtype=bytes)
+    columns = {
+        "path": encoded,
+        "stat": stats,
+        "inode": inodes,
+        "sha256": np.array([r[0].encode() for r in good], dtype="S64"),
+        "size": np.fromiter((n for r in good for n in r[1:3]), dtype=np.int64, count=2 * len(good)).reshape(-1, 2),
+        "mode": np.fromiter((-1 if r[3] is None else code(r[3]) for r in good), dtype=np.int32, count=len(good)),
+        "conversion": np.fromiter((-1 if r[4] is None else code(r[4]) for r in good), dtype=np.int32, count=len(good)),
+        "reason": np.fromiter((-1 if isinstance(r, tuple) else code(r) for r in results), np.int32, len(results)),
+    }
+    del good
+    order = np.argsort(encoded, kind="stable")
+    columns = {key: column[order] for key, column in columns.items()}
+    columns["texts"] = np.array(list(texts), dtype=str)
+    return columns
+
+
+def _cache_rows(cached: dict, paths: list[str], stats: np.ndarray, inodes: np.ndarray) -> np.ndarray:
+    """Per path, its row in the cache when its stat and inode are unchanged, else -1."""
+    if not cached or not len(paths) or not len(cached["path"]):
+        return np.full(len(paths), -1, dtype=np.int64)
+    wanted = np.array([p.encode() for p in paths], dtype=bytes)
+    rows = np.minimum(np.searchsorted(cached["path"], wanted), len(cached["path"]) - 1)
+    same = (
+        (cached["path"][rows] == wanted)
+        & (cached["stat"][rows] == stats).all(axis=1)
+        & (cached["inode"][rows] == inodes)
+        & (stats[:, 0] >= 0)
+    )
+    return np.where(same, rows, -1)
+
+
+def _cached_result(cached: dict, row: int, texts: list[str], shared: dict) -> tuple | str:
+    reason = int(cached["reason"][row])
+    if reason >= 0:
+        return texts[reason]
+    width, height = cached["size"][row].tolist()
+    values = (width, height, texts[cached["mode"][row]], texts[cached["conversion"][row]])
+    return (cached["sha256"][row].decode(), *(shared.setdefault(value, value) for value in values))
 
 
 def _cache_file(root: Path) -> Path:
@@ -572,29 +667,42 @@ def _cache_file(root: Path) -> Path:
     reused only while its file's (size, mtime_ns, ctime_ns, inode) are unchanged."""
     version = [str(root), PIL.__version__, *(files.sha256_file(f) for f in (__file__, images.__file__))]
     key = hashlib.sha256(json.dumps(version).encode()).hexdigest()[:32]
-    return files.cache_dir() / "split" / f"{key}.json"
+    return files.cache_dir() / "split" / f"{key}.npz"
 
 
-def _read_cache(path: Path) -> dict:
-    """path -> [size, mtime_ns, ctime_ns, inode, result], or nothing when the file is missing or fails its
-    checksum (its first line is the sha256 of the second, the entries as JSON)."""
+def _read_cache(path: Path) -> dict[str, np.ndarray]:
+    """The cache's columns (see _cache_entries), or nothing when the file is missing or fails its checksum
+    (its first line is the sha256 of the rest, an uncompressed .npz). Hashed and loaded from the file in
+    pieces, never held whole as bytes."""
     try:
-        checksum, _, payload = path.read_bytes().partition(b"\n")
-        if checksum.decode() == hashlib.sha256(payload).hexdigest():
-            return json.loads(payload)
-    except (OSError, ValueError):
+        with open(path, "rb") as file:
+            checksum, digest = file.read(65)[:64], hashlib.sha256()
+            while chunk := file.read(1 << 20):
+                digest.update(chunk)
+            if checksum.decode() == digest.hexdigest():
+                file.seek(65)
+                with np.load(file, allow_pickle=False) as npz:
+                    return {key: npz[key] for key in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile):
         pass
     return {}
 
 
-def _write_cache(path: Path, entries: dict) -> None:
+def _write_cache(path: Path, entries: dict[str, np.ndarray]) -> None:
     """Replace the cache atomically under a unique scratch name: concurrent splits each leave a whole file.
-    A cache that cannot be written only costs time next run, so it is reported, not fatal."""
-    payload = json.dumps(entries, separators=(",", ":")).encode()
+    A cache that cannot be written only costs time next run, so it is reported, not fatal. The .npz goes
+    straight to the file (its offsets count the checksum line) and is hashed back from it."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("wb", dir=path.parent, suffix=".tmp", delete=False) as out:
-            out.write(hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+        with tempfile.NamedTemporaryFile("w+b", dir=path.parent, suffix=".tmp", delete=False) as out:
+            out.write(b"0" * 64 + b"\n")
+            np.savez(out, **entries)
+            out.seek(65)
+            digest = hashlib.sha256()
+            while chunk := out.read(1 << 20):
+                digest.update(chunk)
+            out.seek(0)
+            out.write(digest.hexdigest().encode())
         os.replace(out.name, path)
     except OSError as error:
         print(f"split: cannot write the file cache {path} ({error}); all are read again next time", file=sys.stderr)
@@ -602,20 +710,23 @@ def _write_cache(path: Path, entries: dict) -> None:
             os.unlink(out.name)
 
 
-def _drop_label_conflicts(rows: list[dict], bad) -> list[dict]:
+def _drop_label_conflicts(rows: list[tuple], bad) -> list[tuple]:
     """The same bytes under two classes cannot both be right: flag every copy."""
-    by_hash: dict[str, list[dict]] = {}
+    first_class: dict[str, str] = {}
+    conflicting = set()
+    for _, class_name, info, _, _ in rows:
+        if first_class.setdefault(info[0], class_name) != class_name:
+            conflicting.add(info[0])
+    del first_class
+    conflicts: dict[str, list[tuple]] = {}
     for row in rows:
-        by_hash.setdefault(row["sha256"], []).append(row)
-    kept = []
-    for group in by_hash.values():
-        if len({row["class_name"] for row in group}) == 1:
-            kept += group
-            continue
-        for row in group:
-            other = min((r for r in group if r["class_name"] != row["class_name"]), key=lambda r: r["path"])
-            bad.append((row["path"], f"same bytes as {other['path']} labelled {other['class_name']}"))
-    return kept
+        if row[2][0] in conflicting:
+            conflicts.setdefault(row[2][0], []).append(row)
+    for group in conflicts.values():
+        for path, class_name, _, _, _ in group:
+            other = min((r for r in group if r[1] != class_name), key=lambda r: r[0])
+            bad.append((path, f"same bytes as {other[0]} labelled {other[1]}"))
+    return [row for row in rows if row[2][0] not in conflicts] if conflicts else rows
 
 
 def _structural_problems(classes, counts, t, v) -> list[str]:
@@ -709,13 +820,32 @@ def _order_key(seed: int, file_id: str) -> str:
 # ---------------------------------------------------------------- outputs
 
 
-def _manifest(rows: list[dict], classes: list[str]) -> pd.DataFrame:
-    frame = pd.DataFrame(rows)
-    frame.insert(0, "id", frame["path"].map(_file_id))
-    frame["class_index"] = frame["class_name"].map({name: i for i, name in enumerate(classes)})
-    frame["split"] = ""
-    metadata = [c for c in frame.columns if c not in MANIFEST_COLUMNS]
-    return frame[MANIFEST_COLUMNS + metadata].sort_values("id", ignore_index=True)
+def _manifest(rows: list[tuple], classes: list[str]) -> pd.DataFrame:
+    """The manifest sorted by id, built column by column (no per-row dicts)."""
+    ids = [_file_id(row[0]) for row in rows]
+    order = sorted(range(len(rows)), key=ids.__getitem__)
+    index = {name: i for i, name in enumerate(classes)}
+    metadata = list(dict.fromkeys(key for row in rows for key in row[4]))
+    columns = {
+        "id": [ids[i] for i in order],
+        "path": [rows[i][0] for i in order],
+        "class_name": [rows[i][1] for i in order],
+        "class_index": np.array([index[rows[i][1]] for i in order], dtype=np.int64),
+        "split": [""] * len(rows),
+        **{name: [rows[i][2][k] for i in order] for k, name in enumerate(_RESULT_FIELDS)},
+        "notes": [rows[i][3] for i in order],
+        **{key: [rows[i][4].get(key, np.nan) for i in order] for key in metadata},
+    }
+    del ids, order
+    # text columns hold the records' own str objects: pandas' default (pyarrow) storage would copy every string
+    # into Arrow's memory pool, and each filtered frame of the summary again
+    text = pd.StringDtype("python", na_value=np.nan)
+    return pd.DataFrame(
+        {
+            column: pd.array(columns.pop(column), dtype=text) if column in _STRING_COLUMNS else columns.pop(column)
+            for column in MANIFEST_COLUMNS + metadata
+        }
+    )
 
 
 def _summary(manifest, classes, bad_files, stratify_by, params) -> dict:
