@@ -64,7 +64,7 @@ def test_train_head_on_a_memory_map_is_bit_identical(stored, monkeypatch, name):
     for dataset in (in_memory_dataset, train.feature_dataset):
         monkeypatch.setattr(train, "feature_dataset", dataset)
         with precision.policy(name):
-            head, history, _ = train.train_head(x[:45], y[:45], x[45:], y[45:], 3, CFG, HEAD)
+            head, history, _, _ = train.train_head(x[:45], y[:45], x[45:], y[45:], 3, CFG, HEAD)
         results.append(([w.copy() for w in head.get_weights()], history))
     (weights_old, history_old), (weights_new, history_new) = results
     assert all(np.array_equal(a, b) for a, b in zip(weights_old, weights_new))
