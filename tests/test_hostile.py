@@ -135,28 +135,36 @@ def test_swapped_test_features_are_refused_before_anything_is_logged(repo):
     assert logged == {r: len(client(env).get_metric_history(r, "test_accuracy")) for r in logged}
 
 
+def run_with_edited_record(repo, env, path: str, stage: tuple, edit):
+    """Run ``stage`` with the stored record at ``path`` changed by ``edit`` (then restored): it must stop with
+    exit 1 and no traceback, and leave every result as it was (evaluate: all or nothing)."""
+    record_file = repo / path
+    original = record_file.read_bytes()
+    record = json.loads(original)
+    edit(record)
+    record_file.write_text(json.dumps(record))
+    results = results_bytes(repo)
+    try:
+        out = run(sys.executable, *stage, cwd=repo, env=env, check=False)
+    finally:
+        record_file.write_bytes(original)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert results_bytes(repo) == results
+    return out
+
+
 def test_an_edited_record_is_refused_even_with_its_old_fingerprint(repo):
     repo, env = repo
     for path, stage in [
         ("features/vgg16-native/meta.json", ("stages/train_head.py", "vgg16", "native")),
         ("runs/finetune_top/vgg16-native/run.json", ("stages/evaluate.py",)),
     ]:
-        record_file = repo / path
-        original = record_file.read_bytes()
-        record = json.loads(original)
-        record["preprocessing"]["mean"] = [0.0, 0.0, 0.0]
-        record_file.write_text(json.dumps(record))
-        results = results_bytes(repo)
-        try:
-            out = run(sys.executable, *stage, cwd=repo, env=env, check=False)
-        finally:
-            record_file.write_bytes(original)
-        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+        record = json.loads((repo / path).read_text())
+        out = run_with_edited_record(repo, env, path, stage, lambda r: r["preprocessing"].update(mean=[0.0] * 3))
         assert (
             f"{path}: the stored preprocessing_fingerprint '{record['preprocessing_fingerprint']}' does not "
             "match the fingerprint '"
         ) in out.stderr
-        assert results_bytes(repo) == results  # evaluate: all or nothing
 
 
 def test_a_record_of_an_older_schema_is_refused_in_one_line_saying_re_run_dvc_repro(repo):
@@ -165,21 +173,11 @@ def test_a_record_of_an_older_schema_is_refused_in_one_line_saying_re_run_dvc_re
         ("features/vgg16-native/meta.json", ("stages/train_head.py", "vgg16", "native"), "features record"),
         ("runs/finetune_top/vgg16-native/run.json", ("stages/evaluate.py",), "run record"),
     ]:
-        record_file = repo / path
-        original = record_file.read_bytes()
-        record = json.loads(original)
-        del record["schema_version"]  # as every record written before records were versioned
-        record_file.write_text(json.dumps(record))
-        results = results_bytes(repo)
-        try:
-            out = run(sys.executable, *stage, cwd=repo, env=env, check=False)
-        finally:
-            record_file.write_bytes(original)
-        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+        # as every record written before records were versioned
+        out = run_with_edited_record(repo, env, path, stage, lambda r: r.pop("schema_version"))
         line = out.stderr.strip().splitlines()[-1]
         assert f"{path}: this {kind} has no schema_version" in line
         assert line.endswith("Re-run `dvc repro` to rebuild it.")
-        assert results_bytes(repo) == results
 
 
 def test_killed_training_leaves_no_partial_output_and_its_run_is_marked_killed(repo):
