@@ -17,7 +17,7 @@ import pandas as pd
 import tensorflow as tf
 
 from transferlab import precision
-from transferlab.params import CONTROL_DEFAULTS
+from transferlab.params import CONTROL_DEFAULTS, OPTIONAL
 
 
 def seed_everything(seed: int) -> None:
@@ -149,7 +149,7 @@ def augmentation(method: str, preset: str, ablation: str) -> tuple[str | None, s
 def with_controls(cfg: dict) -> dict:
     """A train/finetune section with the training controls it leaves out set to their defaults (all off), so a
     section written before the controls existed trains exactly as it did."""
-    return {**CONTROL_DEFAULTS, "probe_solver": "keras", **cfg}
+    return {**CONTROL_DEFAULTS, "probe_solver": OPTIONAL[("train", "probe_solver")], **cfg}
 
 
 def lr_schedule(cfg: dict, steps_per_epoch: int):
