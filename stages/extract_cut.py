@@ -4,6 +4,7 @@ Writes cut/BACKBONE-PREPROCESSING/ (PREPROCESSING: finetune.preprocessing): {tra
 labels, and meta.json naming the boundary layer, cut point, input size, preprocessing, precision, weights
 and bytes. The activations are written only when a cached finetune_top run will read them; otherwise
 meta.json alone says why none were. A stage per backbone, so one backbone's cut point re-runs only its own.
+At cut point `all` (the whole network trains) the stored activations are the normalised images themselves.
 """
 
 from transferlab import backbones, cli, cut, features, files, layout, precision, provenance, weights

@@ -57,7 +57,7 @@ def test_every_bad_key_is_listed_in_one_message():
         "finetune.epochs: must be an integer >= 1, got 0",
         "data.val_fraction: must be a number in (0, 1), got 0",
         "extract.preprocessing: must be one of native, rescale, got 'raw'",
-        "finetune.cut_point.vgg16: must be one of block5_conv1, block4_conv1, block3_conv1, got 'block9'",
+        "finetune.cut_point.vgg16: must be one of block5_conv1, block4_conv1, block3_conv1, all, got 'block9'",
         "extract.backbones: must be one of densenet121, efficientnet_lite0, inception_v3, resnet50, vgg16, got 'vgg99'",
         "head.pooling: must be one of avg, flatten, got 'max'",
         "weights.init: must be one of imagenet, none, got 'imagenet21k'",

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-from transferlab import files, precision, train
+from transferlab import backbones, features, files, precision, train
 from transferlab.params import CONTROL_DEFAULTS
 
 HEAD = {"units": 16, "dropout": 0.5, "dropout_position": "after_dense", "pooling": "avg"}
@@ -141,19 +141,35 @@ def test_configure_base_unfreezes_exactly_above_the_boundary():
     }
     with pytest.raises(ValueError, match="not a layer"):
         train.configure_base(base, "block5_pool", False)
+    # the whole network (cut point "all"): every layer trains, BatchNorm still in inference mode
+    train.configure_base(base, backbones.cut_boundary(backbones.get("vgg16"), "all"), bn_training=False)
+    assert {w.path.split("/")[0] for w in base.trainable_weights} == {"low_conv", "high_conv"}
 
 
-def test_cached_and_full_finetuning_agree_on_first_epoch(toy, policy):
+@pytest.mark.parametrize("name", sorted(backbones.REGISTRY))
+def test_every_backbone_has_the_whole_network_as_a_cut_point(name):
+    bb = backbones.get(name)
+    assert backbones.cut_boundary(bb, "all") == backbones.INPUT and "all" in backbones.cut_point_names(bb)
+    with pytest.raises(ValueError, match="known: .*all"):
+        backbones.cut_boundary(bb, "everything")
+
+
+@pytest.mark.parametrize("boundary", ["pool", backbones.INPUT])
+def test_cached_and_full_finetuning_agree_on_first_epoch(toy, policy, boundary):
+    """The cached path (activations at the boundary, from features.extractor) trains as the full one does;
+    at the whole network's boundary the stored activations are the inputs themselves."""
     x, y = toy
     results = []
     for cached in (True, False):
         base = small_base()
         train.seed_everything(0)
         head = train.build_head(base.output.shape[-1:], 3, HEAD, 0)
-        train.configure_base(base, "pool", False)
+        train.configure_base(base, boundary, False)
         full = train.end_to_end(base, head, "avg")
-        model = train.top_model(base, "pool", head, "avg") if cached else full
-        inputs = keras.Model(base.input, base.get_layer("pool").output)(x).numpy() if cached else x
+        model = train.top_model(base, boundary, head, "avg") if cached else full
+        inputs = features.extractor(base, boundary, conv_map=False, pooled=False)(x)["cut"].numpy() if cached else x
+        if boundary == backbones.INPUT:
+            assert not cached or np.array_equal(inputs, x)
         train.compile_model(model, train.make_optimizer("sgd", 0.05, 0.9))
         history, _ = train.fit(model, train.feature_dataset(inputs, y, 8, 0), None, 1)
         results.append((full(x).numpy(), history["loss"].iloc[0], base.get_layer("high_conv").kernel.numpy()))

@@ -187,14 +187,36 @@ def offline_batchnorm() -> str:
     return next(b.name for b in REGISTRY.values() if b.has_batchnorm and b.offline_source)
 
 
+# Every backbone's deepest cut point: the whole network trains (BatchNorm still in inference mode). Its
+# boundary is the base's input layer, which Keras names by a per-process counter, so it has a name of its own.
+WHOLE_NETWORK = "all"
+INPUT = "input"
+
+
+def cut_point_names(backbone: Backbone) -> tuple[str, ...]:
+    return (*backbone.cut_points, WHOLE_NETWORK)
+
+
 def cut_boundary(backbone: Backbone, cut_point: str) -> str:
     """The layer whose output separates the frozen part from what a cut point unfreezes."""
+    if cut_point == WHOLE_NETWORK:
+        return INPUT
     try:
         return backbone.cut_points[cut_point]
     except KeyError:
         raise ValueError(
-            f"{backbone.name} has no cut point {cut_point!r}; known: {', '.join(backbone.cut_points)}"
+            f"{backbone.name} has no cut point {cut_point!r}; known: {', '.join(cut_point_names(backbone))}"
         ) from None
+
+
+def boundary_layer(base, boundary: str):
+    """The layer of ``base`` that a boundary names (INPUT: its input layer)."""
+    if boundary == INPUT:
+        return base.layers[0]
+    try:
+        return base.get_layer(boundary)
+    except ValueError:
+        raise ValueError(f"cut boundary {boundary!r} is not a layer of {base.name}") from None
 
 
 def preprocessing_record(backbone: Backbone, variant: str, input_size: int | None = None) -> dict:

@@ -114,7 +114,7 @@ def extractor(base, cut_layer: str | None, conv_map: bool, pooled: bool = True):
     if conv_map:
         outputs["conv_map"] = base.output
     if cut_layer:
-        outputs["cut"] = base.get_layer(cut_layer).output
+        outputs["cut"] = backbones.boundary_layer(base, cut_layer).output
     return keras.Model(base.input, outputs)
 
 

@@ -150,7 +150,7 @@ def mapping(key: Check, value: Check | Callable[[Any, Any], Any], keyed: bool = 
 
 def cut_point(name: str, value):
     """A fine-tuning cut point that the backbone's registry record defines."""
-    return choice(*backbones.REGISTRY[name].cut_points)(value)
+    return choice(*backbones.cut_point_names(backbones.REGISTRY[name]))(value)
 
 
 def positive_classes(value):

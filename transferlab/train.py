@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from transferlab import precision
+from transferlab import backbones, precision
 from transferlab.params import CONTROL_DEFAULTS, OPTIONAL
 
 
@@ -94,10 +94,8 @@ def configure_base(base: keras.Model, boundary: str | None, bn_training: bool) -
     batch statistics and update their moving averages, while gamma/beta below the
     boundary stay frozen, which is what the old "frozen" Keras recipes silently did.
     """
-    names = [layer.name for layer in base.layers]
-    if boundary is not None and boundary not in names:
-        raise ValueError(f"cut boundary {boundary!r} is not a layer of {base.name}")
-    first_trainable = names.index(boundary) + 1 if boundary else len(names)
+    layers = list(base.layers)
+    first_trainable = layers.index(backbones.boundary_layer(base, boundary)) + 1 if boundary else len(layers)
     base.trainable = True
     for i, layer in enumerate(base.layers):
         layer.trainable = i >= first_trainable
@@ -116,7 +114,7 @@ def end_to_end(base: keras.Model, head: keras.Model, pooling: str) -> keras.Mode
 
 def top_model(base: keras.Model, boundary: str, head: keras.Model, pooling: str) -> keras.Model:
     """Cached activations at ``boundary`` -> the layers above it -> head, sharing the base's layers."""
-    upper = keras.Model(base.get_layer(boundary).output, base.output, name=f"{base.name}_upper")
+    upper = keras.Model(backbones.boundary_layer(base, boundary).output, base.output, name=f"{base.name}_upper")
     inputs = keras.Input(tuple(upper.input.shape[1:]), name="cut_activations")
     return keras.Model(inputs, head(_pool(upper(inputs), pooling)), name=f"{base.name}_top")
 
