@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The ELPV full protocol (reports/elpv_benchmark.md): EfficientNet-Lite0 fine-tuned from block4a on the
-# cached cut activations, Adam 3e-4 with one epoch of linear warm-up then cosine decay over 8 epochs, the
-# epoch with the best validation accuracy kept (early stopping's restored weights), on the paper's 75/25
-# split (data.seed 42); one `dvc exp run` per seed (train.seed), named elpv-protocol-s<seed>, up to evaluate.
+# The ELPV full protocol (reports/elpv_benchmark.md): EfficientNet-Lite0 fine-tuned from block4a on images with
+# the el_cell augmentation (flips on both axes, 90-degree turns, mild brightness and contrast; train split only),
+# Adam 3e-4 with one epoch of linear warm-up then cosine decay over 16 epochs, the epoch with the best
+# validation accuracy kept (early stopping's restored weights), on the paper's 75/25 split (data.seed 42);
+# one `dvc exp run` per seed (train.seed), named elpv-<protocol>-s<seed>, up to evaluate.
 #
-#   study/elpv_protocol.sh                  seeds 0 1 2 on this machine (CPU: ~10-25 min per seed on 2 cores)
+#   study/elpv_protocol.sh                  seeds 0 1 2 on this machine (CPU: ~15 min per seed on 2 idle cores)
 #   SEEDS="0 1 2 3 4" study/elpv_protocol.sh
 #   PROTOCOL=gpu study/elpv_protocol.sh     the GPU variant: VGG16 at 224 px fine-tuned from block3_conv1 with
 #                                           the el_cell augmentation on images (ResNet50: PROTOCOL=gpu-resnet50,
@@ -13,8 +14,8 @@
 #   RERUN=1 ...                             replace experiments that exist (default: keep them and go on)
 #
 # Experiments run one after another in the workspace; params.yaml, dvc.lock and the outputs are put back as
-# they were at the end (study/workspace.sh). The figures: `dvc exp show`, results/metrics/ of each experiment,
-# and MLflow (one group run per experiment).
+# they were at the end (study/workspace.sh). The figures: `python study/elpv_summary.py`, `dvc exp show`,
+# results/metrics/ of each experiment, and MLflow (one group run per experiment).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,7 +26,8 @@ common="data.source=elpv data.seed=42 data.test_fraction=0.25 finetune.methods=[
   finetune.early_stopping_monitor=val_accuracy finetune.optimizer=adam finetune.learning_rate=0.0003"
 case $PROTOCOL in
   cpu) settings="extract.backbones=[efficientnet_lite0] extract.preprocessing=[native]
-    finetune.backbones=[efficientnet_lite0] finetune.cut_point.efficientnet_lite0=block4a finetune.epochs=8" ;;
+    finetune.backbones=[efficientnet_lite0] finetune.cut_point.efficientnet_lite0=block4a finetune.epochs=16
+    finetune.early_stopping_patience=16 finetune.augmentation=el_cell" ;;
   gpu) settings="extract.backbones=[vgg16] extract.preprocessing=[native] extract.input_size.vgg16=224
     finetune.backbones=[vgg16] finetune.cut_point.vgg16=block3_conv1 finetune.epochs=30
     finetune.warmup_epochs=2 finetune.early_stopping_patience=8 finetune.augmentation=el_cell

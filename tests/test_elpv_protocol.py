@@ -1,0 +1,68 @@
+"""study/elpv_protocol.sh: each variant's `dvc exp run -S` overrides are valid params and make the recipe that
+reports/elpv_benchmark.md reports, so a typo or a stale value fails here instead of an hour into a run."""
+
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from transferlab.params import validate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def protocol_runs(protocol: str, seeds: str = "0 1 2") -> list[tuple[str, dict]]:
+    """(experiment name, the validated params it runs with) for each command the script prints."""
+    env = {"DRY_RUN": "1", "PROTOCOL": protocol, "SEEDS": seeds, "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
+    out = subprocess.run(
+        ["bash", "study/elpv_protocol.sh"], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    ).stdout
+    runs = []
+    for line in out.splitlines():
+        words = shlex.split(line)
+        assert words[:4] == ["dvc", "exp", "run", "evaluate"], line
+        raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+        for flag, item in zip(words, words[1:]):
+            if flag == "-S":  # DVC's -S: a dotted key and a YAML value; later ones win
+                key, value = item.split("=", 1)
+                *parents, last = key.split(".")
+                node = raw
+                for part in parents:
+                    node = node[part]
+                node[last] = yaml.safe_load(value)
+        runs.append((words[words.index("--name") + 1], validate(raw)))
+    return runs
+
+
+def test_cpu_protocol_is_the_chosen_configuration_on_the_papers_split():
+    runs = protocol_runs("cpu", "0 1 7")
+    assert [name for name, _ in runs] == ["elpv-cpu-s0", "elpv-cpu-s1", "elpv-cpu-s7"]
+    assert [p["train"]["seed"] for _, p in runs] == [0, 1, 7]
+    params = runs[0][1]
+    data, ft = params["data"], params["finetune"]
+    assert (data["source"], data["seed"], data["test_fraction"]) == ("elpv", 42, 0.25)
+    assert params["extract"]["backbones"] == ft["backbones"] == ["efficientnet_lite0"]
+    assert params["extract"]["input_size"]["efficientnet_lite0"] == 224
+    assert ft["methods"] == ["finetune_top"] and ft["cut_point"]["efficientnet_lite0"] == "block4a"
+    assert (ft["optimizer"], ft["learning_rate"], ft["lr_schedule"], ft["warmup_epochs"]) == ("adam", 3e-4, "cosine", 1)
+    assert (ft["augmentation"], ft["epochs"], ft["early_stopping_monitor"]) == ("el_cell", 16, "val_accuracy")
+    assert ft["early_stopping_patience"] >= ft["epochs"]  # never stops early: the best of all epochs is kept
+    # the split and everything but the seed are the same in every run
+    assert all({**p, "train": None} == {**params, "train": None} for _, p in runs)
+
+
+@pytest.mark.parametrize(("protocol", "backbone"), [("gpu", "vgg16"), ("gpu-resnet50", "resnet50")])
+def test_gpu_protocols_fine_tune_at_the_registry_size_with_augmentation(protocol, backbone):
+    ((name, params),) = protocol_runs(protocol, "3")
+    assert name == f"elpv-{protocol}-s3"
+    assert params["finetune"]["backbones"] == [backbone] and params["extract"]["input_size"][backbone] == 224
+    assert params["finetune"]["augmentation"] == "el_cell" and params["data"]["test_fraction"] == 0.25
+
+
+def test_unknown_protocol_is_refused_before_anything_runs():
+    env = {"DRY_RUN": "1", "PROTOCOL": "tpu", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(["bash", "study/elpv_protocol.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 2 and "unknown PROTOCOL 'tpu'" in out.stderr and not out.stdout
