@@ -25,13 +25,6 @@ from transferlab import backbones, cut, data, features, layout, metrics, precisi
 from transferlab.params import validate
 
 
-def scores(y, pred, classes: list[str]) -> dict:
-    """The report's headline figures (the binary one: ELPV's defective = defect probability >= 0.5)."""
-    m = metrics.compute(y, pred, classes, bootstrap=1, binary=data.binary_task("auto", classes))
-    figures = {k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")}
-    return {**figures, "binary_accuracy": m["binary"]["accuracy"]}
-
-
 def finetune_top(params: dict, bb, boundary: str, meta, head, split: dict, n_classes: int):
     """finetune_top on the cached cut activations, as stages/finetune.py trains it; returns (model, summary)."""
     ft, head_cfg, seed = params["finetune"], params["head"], params["train"]["seed"]
@@ -100,7 +93,8 @@ def main(name: str, overrides: list[str], out: Path = Path("search.jsonl")) -> N
         for s in ("val", "test"):
             y, x = split[s]
             pred = train.predict_logits(model, train.feature_dataset(x, y, ft["batch_size"])).argmax(1)
-            row.update({f"{s}_{k}": round(v, 4) for k, v in scores(y, pred, classes).items()})
+            figures = metrics.headline(y, pred, classes, data.binary_task("auto", classes))
+            row.update({f"{s}_{k}": round(v, 4) for k, v in figures.items()})
     row["seconds"] = round(time.perf_counter() - start, 1)
     print(row)
     with out.open("a") as f:

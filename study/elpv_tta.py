@@ -1,5 +1,6 @@
 """Test-time augmentation over the 8 flips and quarter turns of a square cell, tried for the ELPV protocol
-(reports/elpv_benchmark.md): a trained run's validation and test accuracy with and without it.
+(reports/elpv_benchmark.md): a trained run's validation and test figures (4-class, binary and balanced
+accuracy, macro-F1) with and without it, and each view's accuracy alone.
 
 Run in the workspace of the experiment whose run it scores (`dvc exp apply <exp>` first):
 
@@ -15,7 +16,7 @@ import sys
 import numpy as np
 import tensorflow as tf
 
-from transferlab import backbones, data, features, layout, precision, provenance, train
+from transferlab import backbones, data, features, layout, metrics, precision, provenance, train
 
 
 def views(x: tf.Tensor) -> list[tf.Tensor]:
@@ -27,10 +28,10 @@ def main(run: str) -> None:
     run_dir = layout.run_dir(run)
     record = provenance.load(run_dir / layout.RUN_RECORD, provenance.RunRecord)
     provenance.check_current(record)
-    head_cfg, n_classes = record.params["head"], len(data.load_classes())
+    head_cfg, classes = record.params["head"], data.load_classes()
     with precision.policy(record.precision):
         base = backbones.get(record.backbone).build(False, None, record.input_size)
-        model = train.end_to_end(base, train.head_for(base, n_classes, head_cfg, 0), head_cfg["pooling"])
+        model = train.end_to_end(base, train.head_for(base, len(classes), head_cfg, 0), head_cfg["pooling"])
     model.load_weights(run_dir / layout.MODEL_WEIGHTS)
     manifest = data.load_manifest()
     for split in ("val", "test"):
@@ -43,9 +44,10 @@ def main(run: str) -> None:
             ]
         )  # (images, views, classes)
         y = rows["class_index"].to_numpy()
-        per_view = [round(float((probs[:, v].argmax(1) == y).mean()), 4) for v in range(probs.shape[1])]
-        tta = float((probs.mean(1).argmax(1) == y).mean())
-        print(f"{split}: accuracy without TTA {per_view[0]:.4f}, with TTA {tta:.4f}; each view alone {per_view}")
+        for name, p in (("without TTA", probs[:, 0]), ("with TTA", probs.mean(1))):
+            figures = metrics.headline(y, p.argmax(1), classes, data.binary_task("auto", classes))
+            print(f"{split} {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in figures.items() if v is not None))
+        print(f"{split} each view alone:", [round(float((probs[:, v].argmax(1) == y).mean()), 4) for v in range(8)])
 
 
 if __name__ == "__main__":

@@ -117,6 +117,16 @@ def test_elpv_binary_task_is_defect_probability_at_least_one_half():
     m = metrics.compute([0, 1, 2, 3], [2, 0, 3, 0], list(data.ELPV_CLASSES), binary=task)
     assert m["binary"]["accuracy"] == 0.5  # functional -> likely, defective -> functional: two binary errors
 
+    # the search scripts' headline: the same figures, and no binary one where the task is skipped
+    elpv = list(data.ELPV_CLASSES)
+    assert metrics.headline([0, 1, 2, 3], [2, 0, 3, 0], elpv, task) == {
+        "accuracy": 0.0,
+        "balanced_accuracy": 0.0,
+        "macro_f1": 0.0,
+        "binary_accuracy": 0.5,
+    }
+    assert metrics.headline([0, 1, 2, 3], [0, 1, 2, 0], elpv, None)["binary_accuracy"] is None
+
 
 @pytest.mark.parametrize(
     "setting, classes, expected",

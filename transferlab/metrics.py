@@ -202,3 +202,11 @@ def t_interval(values, confidence: float = 0.95) -> dict:
         return {"n": 1, "mean": mean, "lo": math.nan, "hi": math.nan}
     half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
     return {"n": n, "mean": mean, "lo": mean - half, "hi": mean + half}
+
+
+def headline(y_true, y_pred, classes: list[str], binary: dict | None) -> dict:
+    """The four figures a configuration search compares, without intervals (``bootstrap=1``); ``binary``
+    as in :func:`compute` (None or a skipped task: no binary figure)."""
+    m = compute(y_true, y_pred, classes, bootstrap=1, binary=binary)
+    figures = {k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")}
+    return {**figures, "binary_accuracy": m.get("binary", {}).get("accuracy")}
