@@ -22,24 +22,24 @@ cd "$(dirname "$0")/.."
 SEEDS=${SEEDS:-0 1 2}
 PROTOCOL=${PROTOCOL:-cpu}
 common="data.source=elpv data.seed=42 data.test_fraction=0.25 finetune.methods=[finetune_top]
-  finetune.lr_schedule=cosine finetune.warmup_epochs=1 finetune.early_stopping_patience=8
-  finetune.early_stopping_monitor=val_accuracy finetune.optimizer=adam finetune.learning_rate=0.0003"
+  finetune.optimizer=adam finetune.lr_schedule=cosine finetune.early_stopping_monitor=val_accuracy"
 case $PROTOCOL in
   cpu) settings="extract.backbones=[efficientnet_lite0] extract.preprocessing=[native]
     finetune.backbones=[efficientnet_lite0] finetune.cut_point.efficientnet_lite0=block4a finetune.epochs=16
-    finetune.early_stopping_patience=16 finetune.augmentation=el_cell" ;;
+    finetune.learning_rate=0.0003 finetune.warmup_epochs=1 finetune.early_stopping_patience=16
+    finetune.augmentation=el_cell" ;;
   gpu) settings="extract.backbones=[vgg16] extract.preprocessing=[native] extract.input_size.vgg16=224
     finetune.backbones=[vgg16] finetune.cut_point.vgg16=block3_conv1 finetune.epochs=30
     finetune.warmup_epochs=2 finetune.early_stopping_patience=8 finetune.augmentation=el_cell
     finetune.learning_rate=0.0001" ;;
   gpu-resnet50) settings="extract.backbones=[resnet50] extract.preprocessing=[native] extract.input_size.resnet50=224
     finetune.backbones=[resnet50] finetune.cut_point.resnet50=conv4 finetune.epochs=30 finetune.warmup_epochs=2
-    finetune.augmentation=el_cell finetune.learning_rate=0.0001" ;;
+    finetune.early_stopping_patience=8 finetune.augmentation=el_cell finetune.learning_rate=0.0001" ;;
   *) echo "unknown PROTOCOL '$PROTOCOL'; known: cpu gpu gpu-resnet50" >&2; exit 2 ;;
 esac
 
 # one line for read (it stops at a newline), which splits on whitespace without globbing the brackets
-read -ra overrides <<<"$(tr '\n' ' ' <<<"$common $settings")"  # later -S win: settings over common
+read -ra overrides <<<"$(tr '\n' ' ' <<<"$common $settings")"  # each key once (tests/test_elpv_protocol.py)
 command_for() {  # seed -> the dvc command in $cmd; evaluate, not export: the protocol registers no champion
   cmd=(dvc exp run evaluate --name "elpv-$PROTOCOL-s$1" -S "train.seed=$1")
   for p in "${overrides[@]}"; do cmd+=(-S "$p"); done

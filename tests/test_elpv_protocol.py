@@ -25,14 +25,16 @@ def protocol_runs(protocol: str, seeds: str = "0 1 2") -> list[tuple[str, dict]]
         words = shlex.split(line)
         assert words[:4] == ["dvc", "exp", "run", "evaluate"], line
         raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-        for flag, item in zip(words, words[1:]):
-            if flag == "-S":  # DVC's -S: a dotted key and a YAML value; later ones win
-                key, value = item.split("=", 1)
-                *parents, last = key.split(".")
-                node = raw
-                for part in parents:
-                    node = node[part]
-                node[last] = yaml.safe_load(value)
+        overrides = [item for flag, item in zip(words, words[1:]) if flag == "-S"]
+        keys = [item.split("=", 1)[0] for item in overrides]
+        assert len(keys) == len(set(keys)), f"a key given twice: {line}"  # the command says each value once
+        for item in overrides:  # DVC's -S: a dotted key and a YAML value
+            key, value = item.split("=", 1)
+            *parents, last = key.split(".")
+            node = raw
+            for part in parents:
+                node = node[part]
+            node[last] = yaml.safe_load(value)
         runs.append((words[words.index("--name") + 1], validate(raw)))
     return runs
 
