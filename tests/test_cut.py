@@ -7,6 +7,7 @@ changes one backbone's cut point: only that backbone's stages may become stale.
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ import pytest
 import yaml
 from helpers import ROOT, make_image_tree, pipeline_repo, run_cmd, run_record
 
-from transferlab import backbones, cut, data, features, files, precision, provenance, weights
+from transferlab import backbones, cut, data, features, files, precision, provenance, train, weights
 from transferlab.provenance import ProvenanceMismatch
 
 LITE0 = "efficientnet_lite0"
@@ -135,6 +136,36 @@ def test_no_activations_are_written_where_no_cached_run_reads_them(repo):
         meta = files.read_json(repo / "cut/vgg16-native/meta.json")
         assert meta["status"] == cut.NOT_NEEDED and meta["reason"].startswith(reason) and meta["bytes"] == 0
         assert [p.name for p in (repo / "cut/vgg16-native").iterdir()] == ["meta.json"]
+
+
+@pytest.mark.slow
+def test_the_whole_network_cut_point_caches_the_normalised_images_and_trains_every_layer(repo, tmp_path):
+    """Cut point `all`: its boundary is the input layer, so extract_cut stores exactly what image_dataset
+    feeds the model, and finetune_top trains the first convolution too, on the cached path."""
+    repo, env = repo
+    work = tmp_path / "repo"
+    shutil.copytree(repo, work, symlinks=True)  # the stages run in a copy: the shared repo stays current
+    set_params(work, finetune__cut_point__vgg16="all")
+    run_cmd(sys.executable, "stages/extract_cut.py", "vgg16", cwd=work, env=env)
+    meta = provenance.load(work / "cut/vgg16-native/meta.json", provenance.CutRecord)
+    assert (meta.status, meta.cut_point, meta.boundary) == (cut.WRITTEN, "all", backbones.INPUT)
+    manifest = data.load_manifest(work / "data/split")
+    rows = manifest[manifest["split"] == "train"]
+    paths, labels = data.resolve_paths(rows, work / "data/split"), rows["class_index"].tolist()
+    images = np.concatenate([x.numpy() for x, _ in features.image_dataset(paths, labels, meta.preprocessing, 4)])
+    assert np.array_equal(np.load(work / "cut/vgg16-native/train/cut.npy"), images)
+
+    run_cmd(sys.executable, "stages/finetune.py", "finetune_top", "vgg16", cwd=work, env=env)
+    run = work / "runs/finetune_top/vgg16-native"
+    record = provenance.load(run / "run.json", provenance.RunRecord)
+    assert record.cached_path and record.params["cut_boundary"] == backbones.INPUT
+    bb, head_cfg = backbones.get("vgg16"), record.params["head"]
+    start = weights.load_backbone(bb, work / "models/weights/vgg16", input_size=32)
+    trained = bb.build(False, None, 32)
+    model = train.end_to_end(trained, train.head_for(trained, 2, head_cfg, 0), head_cfg["pooling"])
+    model.load_weights(run / "model.weights.h5")
+    first = lambda base: base.get_layer("block1_conv1").kernel.numpy()  # noqa: E731
+    assert np.abs(first(trained) - first(start)).max() > 0  # the lowest layer moved: nothing was frozen
 
 
 def _record(**changes):
