@@ -75,6 +75,17 @@ def tree_fingerprint(root) -> dict[str, tuple[str, int]]:
     return result
 
 
+def tiny_conv_base():
+    """conv -> pool -> top on 16x16 RGB: the smallest base with a cut boundary ("pool") below a conv layer."""
+    import keras  # only the tests that build models pay for it
+
+    x = inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", name="conv")(x)
+    x = keras.layers.MaxPooling2D(name="pool")(x)
+    x = keras.layers.Conv2D(5, 3, padding="same", name="top")(x)
+    return keras.Model(inputs, x)
+
+
 def weights_identity(**fields):
     """A weights identity with every field the weights stage writes (random weights); ``fields`` override."""
     from transferlab import provenance

@@ -4,10 +4,9 @@ import dataclasses
 import importlib
 import json
 
-import keras
 import numpy as np
 import pytest
-from helpers import make_image_tree, weights_identity
+from helpers import make_image_tree, tiny_conv_base, weights_identity
 
 from transferlab import backbones, features, files, provenance
 
@@ -101,11 +100,7 @@ def test_provenance_check_refuses_any_mismatch_naming_both_records(tmp_path, mon
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    x = inputs = keras.Input((16, 16, 3))
-    x = keras.layers.Conv2D(4, 3, padding="same", name="conv")(x)
-    x = keras.layers.MaxPooling2D(name="pool")(x)
-    x = keras.layers.Conv2D(5, 3, padding="same", name="top")(x)
-    return features.extractor(keras.Model(inputs, x), "pool", conv_map=True)
+    return features.extractor(tiny_conv_base(), "pool", conv_map=True)
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 32])

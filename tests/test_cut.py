@@ -11,11 +11,10 @@ import shutil
 import subprocess
 import sys
 
-import keras
 import numpy as np
 import pytest
 import yaml
-from helpers import ROOT, make_image_tree, pipeline_repo, run_cmd, run_record
+from helpers import ROOT, make_image_tree, pipeline_repo, run_cmd, run_record, tiny_conv_base
 
 from transferlab import backbones, cut, data, features, files, precision, provenance, train, weights
 from transferlab.provenance import ProvenanceMismatch
@@ -194,11 +193,7 @@ def test_a_different_boundary_or_input_is_refused_naming_both():
 
 @pytest.fixture(scope="module")
 def tiny():
-    x = inputs = keras.Input((16, 16, 3))
-    x = keras.layers.Conv2D(4, 3, padding="same", name="conv")(x)
-    x = keras.layers.MaxPooling2D(name="pool")(x)
-    x = keras.layers.Conv2D(5, 3, padding="same", name="top")(x)
-    return keras.Model(inputs, x)
+    return tiny_conv_base()
 
 
 def test_float16_storage_holds_the_float32_values_rounded_and_refuses_what_it_cannot_hold(tmp_path, tiny):
