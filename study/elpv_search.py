@@ -22,7 +22,7 @@ import numpy as np
 import yaml
 
 from transferlab import backbones, cut, data, features, layout, metrics, precision, provenance, train, weights
-from transferlab.params import validate
+from transferlab.params import validate, with_overrides
 
 
 def finetune_top(params: dict, bb, boundary: str, meta, head, split: dict, n_classes: int):
@@ -57,15 +57,7 @@ def test_activations(bb, boundary: str, meta, batch_size: int):
 
 
 def main(name: str, overrides: list[str], out: Path = Path("search.jsonl")) -> None:
-    raw = yaml.safe_load(Path("params.yaml").read_text())
-    for item in overrides:
-        key, value = item.split("=", 1)
-        *parents, last = key.split(".")
-        node = raw
-        for part in parents:
-            node = node[part]
-        node[last] = yaml.safe_load(value)
-    params = validate(raw)
+    params = validate(with_overrides(yaml.safe_load(Path("params.yaml").read_text()), overrides))
     ft, head_cfg, seed = params["finetune"], params["head"], params["train"]["seed"]
     (backbone,) = ft["backbones"]
     bb, classes = backbones.get(backbone), data.load_classes()

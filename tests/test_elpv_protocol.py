@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from transferlab.params import validate
+from transferlab.params import validate, with_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,14 +28,7 @@ def protocol_runs(protocol: str, seeds: str = "0 1 2") -> list[tuple[str, dict]]
         overrides = [item for flag, item in zip(words, words[1:]) if flag == "-S"]
         keys = [item.split("=", 1)[0] for item in overrides]
         assert len(keys) == len(set(keys)), f"a key given twice: {line}"  # the command says each value once
-        for item in overrides:  # DVC's -S: a dotted key and a YAML value
-            key, value = item.split("=", 1)
-            *parents, last = key.split(".")
-            node = raw
-            for part in parents:
-                node = node[part]
-            node[last] = yaml.safe_load(value)
-        runs.append((words[words.index("--name") + 1], validate(raw)))
+        runs.append((words[words.index("--name") + 1], validate(with_overrides(raw, overrides))))
     return runs
 
 

@@ -154,3 +154,11 @@ def test_every_stage_stops_on_bad_params_with_the_message(tmp_path, stage, args)
         "  finetune.learning_rate: must be a number in (0, inf), got '1e-3x'",
     ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml", "stages", "transferlab"]  # nothing written
+
+
+def test_overrides_apply_as_dvc_exp_run_dash_s_does():
+    raw = {"finetune": {"cut_point": {"vgg16": "block5_conv1"}, "epochs": 4}}
+    out = params.with_overrides(raw, ["finetune.cut_point.vgg16=all", "finetune.epochs=16", "finetune.methods=[a,b]"])
+    assert out == {"finetune": {"cut_point": {"vgg16": "all"}, "epochs": 16, "methods": ["a", "b"]}}
+    with pytest.raises(KeyError):
+        params.with_overrides(raw, ["nosection.key=1"])

@@ -375,3 +375,16 @@ def load_for_stage(stage: str, path: str | os.PathLike = "params.yaml") -> dict:
         return load(path)
     except ParamsError as error:
         raise SystemExit(f"{stage}: {error}") from None
+
+
+def with_overrides(raw: dict, overrides: list[str]) -> dict:
+    """``raw`` with `dvc exp run -S key=value` overrides applied (a dotted key, a YAML value), as DVC applies them,
+    for the study scripts and tests that must see the params an experiment will run with."""
+    for item in overrides:
+        key, value = item.split("=", 1)
+        *parents, last = key.split(".")
+        node = raw
+        for part in parents:
+            node = node[part]
+        node[last] = yaml.safe_load(value)
+    return raw
