@@ -270,16 +270,17 @@ FINETUNE = [
     (
         "correct",
         None,
-        "trained head, BatchNorm frozen, SGD 1e-4 + momentum, no augmentation, extraction's size",
-        "Fine-tuning the top blocks from the trained head at a low learning rate starts from the bottleneck "
-        "model and moves it a little, so it should end at or above the bottleneck head.",
+        "trained head, BatchNorm frozen, the study's fine-tuning recipe (study-wide settings above), extraction's size",
+        "Fine-tuning the top blocks from the trained head, with a warm-up and the best validation epoch kept, "
+        "starts from the bottleneck model and adapts it to EL cells, so it should end above the bottleneck head.",
     ),
     (
         "head-random",
         "correct",
         "`finetune.head_init=random`",
-        "A random head sends large, meaningless gradients into the unfrozen pretrained blocks, and SGD at 1e-4 "
-        "has few epochs to train it: fine-tuning starts from chance instead of from the bottleneck model.",
+        "A random head sends large, meaningless gradients into the unfrozen pretrained blocks from the first "
+        "step, and the few epochs go to training the head instead of adapting the blocks: fine-tuning starts "
+        "from chance instead of from the bottleneck model.",
     ),
     (
         "bn-training",
@@ -287,30 +288,24 @@ FINETUNE = [
         "`ablation.bn_training=true`",
         "The unfrozen blocks' BatchNorm layers normalise with batch statistics (and train gamma/beta), and their "
         "moving averages drift toward ELPV batches, so the test-time network is not the one that was trained. "
-        "Without augmentation "
-        "the pipeline trains on cached cut-point activations, so only the BatchNorm layers above the cut move.",
+        "The recipe augments, so it trains on images and the frozen blocks below the cut normalise with batch "
+        "statistics too (on cached cut-point activations only the layers above the cut would).",
     ),
     (
         "adam-1e-3",
         "correct",
         "`finetune.optimizer=adam`, `finetune.learning_rate=0.001`",
-        "Adam takes steps of about the learning rate per weight whatever the gradient's size; at 1e-3 that is "
-        "large for pretrained kernels, which can lose what they learned on ImageNet before the head adapts.",
+        "Adam takes steps of about the learning rate per weight whatever the gradient's size; at 1e-3, over "
+        "three times the recipe's peak, pretrained kernels can lose what they learned on ImageNet before the "
+        "head adapts (the warm-up shields only the first epoch).",
     ),
-    (
-        "augment-train",
-        "correct",
-        "`ablation.augmentation=train` (reference for the next row)",
-        "Augmenting the fine-tuning data only: the trained head saw unaugmented features, fine-tuning sees "
-        "augmented images.",
-    ),
-    (
+    (  # ablation.augmentation=train is no change here: the recipe already augments the train split
         "augment-train-and-val",
-        "augment-train",
+        "correct",
         "`ablation.augmentation=train_and_val`",
-        "Training is the same as with `train`, so the test figure should not move; what changes is the "
-        "validation accuracy, measured on augmented images: it no longer estimates accuracy on real cells nor "
-        "compares with the bottleneck head's, and any choice made with it is biased.",
+        "Training sees the same augmented images as `correct`; what changes is validation, now measured on "
+        "augmented cells: it no longer estimates accuracy on real cells nor compares with the bottleneck "
+        "head's, and the epoch it keeps (the best validation accuracy) is chosen on the wrong data.",
     ),
     (
         "input-size-229",
@@ -648,7 +643,8 @@ def markdown(experiments, prep, frozen, bn_at_bs1, tuned, alignment, seeds_used)
         "",
         f"Fine-tuned = `finetune_top/{BN_NET}-native` (cut `finetune.cut_point`); 'vs bottleneck' is "
         "fine-tuned − the same experiment's bottleneck head; 'effect' is fine-tuned − the reference "
-        "setting's fine-tuned, paired by seed. Validation accuracy is the last epoch's "
+        "setting's fine-tuned, paired by seed. Validation accuracy is the kept epoch's (the last, or early "
+        "stopping's best) "
         f"(`val_accuracy` in `results/metrics/finetune_top/<pair>.json`).",
         "",
     ]
@@ -684,7 +680,7 @@ def markdown(experiments, prep, frozen, bn_at_bs1, tuned, alignment, seeds_used)
         if r["setting"] == "augment-train-and-val":
             measured += (
                 f"; validation accuracy {fmt(r['val'])}, {fmt(r['val_effect'], True)} vs the "
-                "unaugmented validation data of `augment-train`"
+                "unaugmented validation data of `correct`"
             )
         lines += [
             f"### `{r['setting']}`: {r['title']}",

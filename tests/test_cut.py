@@ -17,6 +17,7 @@ import yaml
 from helpers import ROOT, make_image_tree, pipeline_repo, run_cmd, run_record, tiny_conv_base
 
 from transferlab import backbones, cut, data, features, files, precision, provenance, train, weights
+from transferlab.params import with_overrides
 from transferlab.provenance import ProvenanceMismatch
 
 LITE0 = "efficientnet_lite0"
@@ -26,16 +27,10 @@ def status(repo, env) -> set:
     return set(json.loads(run_cmd("dvc", "status", "--json", cwd=repo, env=env)))
 
 
-def set_params(repo, **changes):
-    """changes: 'section.key' (dots as __) -> value, written into the repo's params.yaml."""
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for dotted, value in changes.items():
-        *path, last = dotted.split("__")
-        node = params
-        for key in path:
-            node = node[key]
-        node[last] = value
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+def set_params(repo, *overrides):
+    """`dvc exp run -S` style overrides ("section.key=value") written into the repo's params.yaml."""
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    (repo / "params.yaml").write_text(yaml.safe_dump(with_overrides(raw, list(overrides)), sort_keys=False))
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +57,7 @@ def test_one_backbones_cut_point_leaves_every_stage_of_the_others_current(repo):
     repo, env = repo
     before = status(repo, env)
     assert before <= {"evaluate", "export"}  # not run here
-    set_params(repo, finetune__cut_point__efficientnet_lite0="block4a")
+    set_params(repo, "finetune.cut_point.efficientnet_lite0=block4a")
     stale = status(repo, env) - before
     assert stale == {
         f"extract_cut@{LITE0}",
@@ -78,7 +73,7 @@ def test_one_backbones_cut_point_leaves_every_stage_of_the_others_current(repo):
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert f"cut/{LITE0}-native holds cut activations other than" in out.stderr
     assert "boundary: stored 'block5c_add', needed 'block3b_add'" in out.stderr
-    set_params(repo, finetune__cut_point__efficientnet_lite0="block6a")
+    set_params(repo, "finetune.cut_point.efficientnet_lite0=block6a")
     assert status(repo, env) == before
 
 
@@ -124,12 +119,12 @@ def test_the_record_names_the_boundary_and_the_activations_equal_the_joint_extra
 def test_no_activations_are_written_where_no_cached_run_reads_them(repo):
     repo, env = repo
     for changes, reason in [
-        ({"finetune__methods": ["frozen_end_to_end"]}, "finetune.methods has no finetune_top"),
-        ({"ablation__augmentation": "train"}, "ablation.augmentation is 'train'"),
-        ({"ablation__input_size": 48}, "ablation.input_size 48 differs from the extraction's 32"),
+        (["finetune.methods=[frozen_end_to_end]"], "finetune.methods has no finetune_top"),
+        (["ablation.augmentation=train"], "ablation.augmentation is 'train'"),
+        (["ablation.input_size=48"], "ablation.input_size 48 differs from the extraction's 32"),
     ]:
         original = (repo / "params.yaml").read_text()
-        set_params(repo, **changes)
+        set_params(repo, *changes)
         run_cmd(sys.executable, "stages/extract_cut.py", "vgg16", cwd=repo, env=env)
         (repo / "params.yaml").write_text(original)
         meta = files.read_json(repo / "cut/vgg16-native/meta.json")
@@ -144,7 +139,7 @@ def test_the_whole_network_cut_point_caches_the_normalised_images_and_trains_eve
     repo, env = repo
     work = tmp_path / "repo"
     shutil.copytree(repo, work, symlinks=True)  # the stages run in a copy: the shared repo stays current
-    set_params(work, finetune__cut_point__vgg16="all")
+    set_params(work, "finetune.cut_point.vgg16=all")
     run_cmd(sys.executable, "stages/extract_cut.py", "vgg16", cwd=work, env=env)
     meta = provenance.load(work / "cut/vgg16-native/meta.json", provenance.CutRecord)
     assert (meta.status, meta.cut_point, meta.boundary) == (cut.WRITTEN, "all", backbones.INPUT)
