@@ -1,17 +1,24 @@
 """study/elpv_protocol.sh: each variant's `dvc exp run -S` overrides are valid params and make the recipe that
-reports/elpv_benchmark.md reports, so a typo or a stale value fails here instead of an hour into a run."""
+reports/elpv_benchmark.md reports, so a typo or a stale value fails here instead of an hour into a run; and
+study/elpv_decision.py's prior correction, whose figures that report gives."""
 
+import importlib.util
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from sklearn.metrics import balanced_accuracy_score
 
 from transferlab.params import validate, with_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("elpv_decision", ROOT / "study" / "elpv_decision.py")
+decision = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(decision)
 
 
 def protocol_runs(protocol: str, seeds: str = "0 1 2") -> list[tuple[str, dict]]:
@@ -61,3 +68,20 @@ def test_unknown_protocol_is_refused_before_anything_runs():
     env = {"DRY_RUN": "1", "PROTOCOL": "tpu", "PATH": "/usr/bin:/bin"}
     out = subprocess.run(["bash", "study/elpv_protocol.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert out.returncode == 2 and "unknown PROTOCOL 'tpu'" in out.stderr and not out.stdout
+
+
+def test_prior_correction_recovers_a_rare_class_the_argmax_never_predicts():
+    """A rare class that is always the runner-up: tau 0 is the plain argmax, and the tau chosen on these
+    probabilities divides the prior out far enough to predict it, raising balanced accuracy from 2/3 to 1."""
+    prior = np.array([0.6, 0.3, 0.1])
+    y = np.array([0] * 6 + [1] * 3 + [2] * 2)
+    probs = np.tile([0.7, 0.2, 0.1], (len(y), 1))
+    probs[y == 1] = [0.2, 0.7, 0.1]
+    probs[y == 2] = [0.55, 0.05, 0.4]  # log(0.55/0.4) = 0.32 < tau * log(0.6/0.1) = 1.79 tau from tau 0.2
+    assert (decision.prior_corrected(probs, prior, 0.0) == probs.argmax(1)).all()
+    assert balanced_accuracy_score(y, probs.argmax(1)) == pytest.approx(2 / 3)
+    tau = decision.choose_tau(probs, y, prior)
+    assert tau == pytest.approx(0.2)  # the smallest tau that predicts class 2 while class 0's 0.7 still wins
+    assert (decision.prior_corrected(probs, prior, tau) == y).all()
+    # too strong a correction loses the majority class: log(0.7/0.1) = 1.95 < tau * 1.79 from tau 1.1
+    assert (decision.prior_corrected(probs, prior, 1.2)[y == 0] == 2).all()
