@@ -3,7 +3,7 @@
 # pitfall-<setting>-s<seed>, using only the pipeline's own switches; then study/pitfalls_report.py
 # writes reports/pitfalls.md and reports/pitfalls.png.
 #
-#   study/pitfalls.sh                        every default setting, seeds 0 1 2 (~1 h on 2 CPU cores)
+#   study/pitfalls.sh                        every default setting, seeds 0 1 2 (~2 h on 2 CPU cores)
 #   study/pitfalls.sh correct bn-training    only these settings
 #   SEEDS="0 1" study/pitfalls.sh ...        other seeds
 #   DRY_RUN=1 study/pitfalls.sh              print the commands, run nothing
