@@ -12,7 +12,6 @@ trained the model, with its figures; the reports also go into the MLflow run of 
 import pandas as pd
 
 from transferlab import (
-    backbones,
     cli,
     data,
     dvcfiles,
@@ -40,10 +39,7 @@ def test_logits(record: provenance.RunRecord, run_dir, manifest: pd.DataFrame, n
             head = train.load_head(run_dir / layout.HEAD_WEIGHTS, x.shape[1:], n_classes, head_cfg)
         return ids, labels, train.predict_logits(head, train.feature_dataset(x, labels, batch_size))  # streamed
     provenance.check_current(record)
-    with precision.policy(record.precision):
-        base = backbones.get(record.backbone).build(False, None, record.input_size)
-        model = train.end_to_end(base, train.head_for(base, n_classes, head_cfg, 0), head_cfg["pooling"])
-    model.load_weights(run_dir / layout.MODEL_WEIGHTS)
+    model = train.load_end_to_end(record, run_dir, n_classes)
     rows = manifest[manifest["split"] == "test"]
     ds = features.image_dataset(
         data.resolve_paths(rows), rows["class_index"].tolist(), record.preprocessing, batch_size

@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 from sklearn.metrics import balanced_accuracy_score
 
-from transferlab import backbones, data, features, layout, metrics, precision, provenance, train
+from transferlab import data, features, layout, metrics, provenance, train
 
 TAUS = np.round(np.arange(0.0, 2.01, 0.1), 2)  # the prior-correction strengths tried on validation
 
@@ -45,12 +45,9 @@ def main(run: str) -> None:
     run_dir = layout.run_dir(run)
     record = provenance.load(run_dir / layout.RUN_RECORD, provenance.RunRecord)
     provenance.check_current(record)
-    head_cfg, classes = record.params["head"], data.load_classes()
+    classes = data.load_classes()
     binary = data.binary_task("auto", classes)
-    with precision.policy(record.precision):
-        base = backbones.get(record.backbone).build(False, None, record.input_size)
-        model = train.end_to_end(base, train.head_for(base, len(classes), head_cfg, 0), head_cfg["pooling"])
-    model.load_weights(run_dir / layout.MODEL_WEIGHTS)
+    model = train.load_end_to_end(record, run_dir, len(classes))
     manifest = data.load_manifest()
     prior = np.bincount(manifest.loc[manifest["split"] == "train", "class_index"], minlength=len(classes))
     prior = prior / prior.sum()

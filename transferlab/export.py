@@ -113,9 +113,7 @@ def build(record: provenance.RunRecord, run_dir: Path, n_classes: int, weights_r
             head.load_weights(run_dir / layout.HEAD_WEIGHTS)
             network = train.end_to_end(base, head, head_cfg["pooling"])
         else:
-            base = bb.build(False, None, record.input_size)
-            network = train.end_to_end(base, train.head_for(base, n_classes, head_cfg, 0), head_cfg["pooling"])
-            network.load_weights(run_dir / layout.MODEL_WEIGHTS)
+            network = train.load_end_to_end(record, run_dir, n_classes)
         inputs = keras.Input((None, None, 3), dtype="uint8", name="images")
         logits = network(preprocessing_layers(inputs, record.preprocessing))
         probabilities = keras.layers.Softmax(dtype="float32", name="probabilities")(logits)

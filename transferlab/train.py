@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import mmap
 import time
+from pathlib import Path
 
 import keras
 import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from transferlab import backbones, precision
+from transferlab import backbones, layout, precision
 from transferlab.params import CONTROL_DEFAULTS, OPTIONAL
 
 
@@ -110,6 +111,17 @@ def configure_base(base: keras.Model, boundary: str | None, bn_training: bool) -
 def end_to_end(base: keras.Model, head: keras.Model, pooling: str) -> keras.Model:
     """Images -> base -> pooling -> head; trainability comes from configure_base."""
     return keras.Model(base.input, head(_pool(base.output, pooling)), name=f"{base.name}_end_to_end")
+
+
+def load_end_to_end(record, run_dir, n_classes: int) -> keras.Model:
+    """A frozen end-to-end or fine-tuned run's network with its trained weights, rebuilt as the run record says
+    it was trained (backbone, input size, head, precision): what evaluate scores and export wraps."""
+    head_cfg = record.params["head"]
+    with precision.policy(record.precision):
+        base = backbones.get(record.backbone).build(False, None, record.input_size)
+        model = end_to_end(base, head_for(base, n_classes, head_cfg, 0), head_cfg["pooling"])
+    model.load_weights(Path(run_dir) / layout.MODEL_WEIGHTS)
+    return model
 
 
 def top_model(base: keras.Model, boundary: str, head: keras.Model, pooling: str) -> keras.Model:
