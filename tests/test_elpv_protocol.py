@@ -64,6 +64,22 @@ def test_gpu_protocols_fine_tune_at_the_registry_size_with_augmentation(protocol
     assert params["finetune"]["augmentation"] == "el_cell" and params["data"]["test_fraction"] == 0.25
 
 
+def test_the_pitfall_study_fine_tunes_by_the_cpu_protocols_recipe_on_a_shorter_budget():
+    """study/pitfalls.yaml restates the CPU protocol's fine-tuning recipe (on fewer epochs): if the protocol
+    changes, the pitfall study's reference must follow, or the report would compare against another recipe."""
+    (_, protocol), *_ = protocol_runs("cpu", seeds="0")
+    study = yaml.safe_load((ROOT / "study" / "pitfalls.yaml").read_text())["study_params"]
+    budget = {"finetune.epochs", "finetune.early_stopping_patience"}
+    recipe = {k: v for k, v in study.items() if k.startswith("finetune.") and k not in budget}
+    assert set(recipe) >= {"finetune.cut_point.efficientnet_lite0", "finetune.augmentation", "finetune.optimizer"}
+    for key, value in recipe.items():
+        node = protocol
+        for part in key.split("."):
+            node = node[part]
+        assert node == value, f"{key}: pitfalls.yaml {value!r}, elpv_protocol.sh {node!r}"
+    assert study["finetune.early_stopping_patience"] == study["finetune.epochs"]  # the best epoch of all is kept
+
+
 def test_unknown_protocol_is_refused_before_anything_runs():
     env = {"DRY_RUN": "1", "PROTOCOL": "tpu", "PATH": "/usr/bin:/bin"}
     out = subprocess.run(["bash", "study/elpv_protocol.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
