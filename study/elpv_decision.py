@@ -4,7 +4,12 @@ over the 8 flips and quarter turns of a square cell, and with a prior correction
 
 Run in the workspace of the experiment whose run it scores (`dvc exp apply <exp>` first):
 
-  python study/elpv_decision.py [RUN]      RUN: finetune_top/efficientnet_lite0-native (default)
+  python study/elpv_decision.py [RUN] [--save P.npz]   RUN: finetune_top/efficientnet_lite0-native (default)
+  python study/elpv_decision.py --ensemble A.npz B.npz ...
+
+--save keeps the run's probabilities (all views), labels, ids, classes and training prior; --ensemble scores
+the mean of several saved runs' probabilities (a seed ensemble) by the same rules, tau again chosen on
+validation. The files must agree on ids, labels, classes and prior: an ensemble over other images is refused.
 
 The views are taken after normalisation, which is per pixel and per channel, so it commutes with them.
 The prior correction predicts argmax log p(y|x) - tau log prior(y) (logit adjustment, Menon et al. 2021):
@@ -14,7 +19,9 @@ weighs every class as if it were as frequent as the others; tau is chosen on val
 
 from __future__ import annotations
 
-import sys
+import argparse
+import json
+from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
@@ -41,39 +48,84 @@ def choose_tau(probs: np.ndarray, y: np.ndarray, prior: np.ndarray) -> float:
     return float(TAUS[int(np.argmax(scores))])
 
 
-def main(run: str) -> None:
+def predict(run: str) -> dict:
+    """The run's (images, views, classes) probabilities on val and test, with their labels and ids, and
+    the classes and training prior they are scored against."""
     run_dir = layout.run_dir(run)
     record = provenance.load(run_dir / layout.RUN_RECORD, provenance.RunRecord)
     provenance.check_current(record)
     classes = data.load_classes()
-    binary = data.binary_task("auto", classes)
     model = train.load_end_to_end(record, run_dir, len(classes))
     manifest = data.load_manifest()
     prior = np.bincount(manifest.loc[manifest["split"] == "train", "class_index"], minlength=len(classes))
-    prior = prior / prior.sum()
-    probs, y = {}, {}
+    scored = {"classes": np.array(classes), "prior": prior / prior.sum()}
     for split in ("val", "test"):
         rows = manifest[manifest["split"] == split]
         ds = features.image_dataset(data.resolve_paths(rows), rows["class_index"].tolist(), record.preprocessing, 64)
-        probs[split] = np.concatenate(
+        scored[f"{split}_probs"] = np.concatenate(
             [
                 np.stack([tf.nn.softmax(tf.cast(model(v, training=False), tf.float32)) for v in views(x)], 1)
                 for x, _ in ds
             ]
-        )  # (images, views, classes)
-        y[split] = rows["class_index"].to_numpy()
-    tau = choose_tau(probs["val"][:, 0], y["val"], prior)
+        )
+        scored[f"{split}_y"] = rows["class_index"].to_numpy()
+        scored[f"{split}_ids"] = rows["id"].to_numpy(dtype=str)
+    return scored
+
+
+def ensemble(paths: list[Path]) -> dict:
+    """The mean probabilities of saved runs. A ValueError names every file whose images, labels, classes or
+    prior differ from the first file's, and what differs."""
+    runs = [dict(np.load(path, allow_pickle=False)) for path in paths]
+    first = runs[0]
+    bad = []
+    for path, run in zip(paths, runs):
+        differ = [k for k in first if not k.endswith("_probs") and not np.array_equal(run.get(k), first[k])]
+        differ += [k for k in first if k.endswith("_probs") and run.get(k, np.empty(0)).shape != first[k].shape]
+        if differ or set(run) != set(first):
+            bad.append(f"{path} ({', '.join(differ or sorted(set(run) ^ set(first)))})")
+    if bad:
+        raise ValueError(f"not the same images, labels, classes and prior as {paths[0]}: " + "; ".join(bad))
+    return {**first, **{k: np.mean([run[k] for run in runs], 0) for k in first if k.endswith("_probs")}}
+
+
+def report(scored: dict) -> None:
+    """Each rule's figures on val and test: as trained, with TTA, and prior-corrected with tau chosen on val."""
+    classes, prior = [str(c) for c in scored["classes"]], scored["prior"]
+    binary = data.binary_task("auto", classes)
+    tau = choose_tau(scored["val_probs"][:, 0], scored["val_y"], prior)
     for split in ("val", "test"):
-        p = probs[split]
+        p, y = scored[f"{split}_probs"], scored[f"{split}_y"]
         for name, pred in (
             ("as trained", p[:, 0].argmax(1)),
             ("with TTA", p.mean(1).argmax(1)),
             (f"prior-corrected, tau {tau:g} (chosen on val)", prior_corrected(p[:, 0], prior, tau)),
         ):
-            figures = metrics.headline(y[split], pred, classes, binary)
+            figures = metrics.headline(y, pred, classes, binary)
             print(f"{split} {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in figures.items() if v is not None))
-        print(f"{split} each view alone:", [round(float((p[:, v].argmax(1) == y[split]).mean()), 4) for v in range(8)])
+        print(
+            f"{split} each view alone:", [round(float((p[:, v].argmax(1) == y).mean()), 4) for v in range(p.shape[1])]
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", nargs="?", default=layout.run_name("finetune_top", "efficientnet_lite0", "native"))
+    parser.add_argument("--save", type=Path, help="write the run's probabilities, labels and ids to this .npz")
+    parser.add_argument("--ensemble", nargs="+", type=Path, metavar="NPZ", help="score the mean of saved runs")
+    args = parser.parse_args(argv)
+    if args.ensemble:
+        try:
+            scored = ensemble(args.ensemble)
+        except (OSError, ValueError) as err:
+            parser.exit(2, f"elpv_decision: {err}\n")
+        print("ensemble of " + json.dumps([str(p) for p in args.ensemble]))
+    else:
+        scored = predict(args.run)
+        if args.save:
+            np.savez(args.save, **scored)
+    report(scored)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else layout.run_name("finetune_top", "efficientnet_lite0", "native"))
+    main()

@@ -101,3 +101,29 @@ def test_prior_correction_recovers_a_rare_class_the_argmax_never_predicts():
     assert (decision.prior_corrected(probs, prior, tau) == y).all()
     # too strong a correction loses the majority class: log(0.7/0.1) = 1.95 < tau * 1.79 from tau 1.1
     assert (decision.prior_corrected(probs, prior, 1.2)[y == 0] == 2).all()
+
+
+def saved_run(path: Path, probs: np.ndarray, ids=("a", "b", "c")) -> Path:
+    """A file as `elpv_decision.py --save` writes it: val and test alike, one view."""
+    y, split = np.array([0, 1, 2]), {}
+    for name in ("val", "test"):
+        split |= {f"{name}_probs": probs[:, None], f"{name}_y": y, f"{name}_ids": np.array(ids)}
+    np.savez(path, classes=np.array(["x", "y", "z"]), prior=np.array([0.5, 0.3, 0.2]), **split)
+    return path
+
+
+def test_an_ensemble_averages_saved_runs_and_refuses_other_images(tmp_path, capsys):
+    """Two runs, each right on one image and both wrong on the third: their mean is right on all three (the
+    argmax of the mean, not a vote); a file over other ids is refused, named, before anything is scored."""
+    a = saved_run(tmp_path / "a.npz", np.array([[0.9, 0.1, 0.0], [0.6, 0.4, 0.0], [0.6, 0.0, 0.4]]))
+    b = saved_run(tmp_path / "b.npz", np.array([[0.4, 0.6, 0.0], [0.0, 1.0, 0.0], [0.0, 0.6, 0.4]]))
+    mean = decision.ensemble([a, b])
+    assert mean["test_probs"][:, 0] == pytest.approx(np.array([[0.65, 0.35, 0.0], [0.3, 0.7, 0.0], [0.3, 0.3, 0.4]]))
+    decision.main(["--ensemble", str(a), str(b)])
+    assert "test as trained: accuracy 1.0000" in capsys.readouterr().out
+    c = saved_run(tmp_path / "c.npz", np.eye(3), ids=("a", "b", "d"))
+    with pytest.raises(SystemExit) as stop:
+        decision.main(["--ensemble", str(a), str(c), str(b)])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{c} (val_ids, test_ids)" in err and str(b) + " (" not in err
