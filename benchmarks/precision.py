@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 from finetune_speed import HEAD, epoch_seconds
 
-from transferlab import backbones, data, features, files, precision, train, weights
+from transferlab import backbones, data, features, params, precision, train, weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,7 +73,7 @@ def run_case(name: str, size: int, mixed: str, args, weights_root: Path) -> dict
     bb = backbones.get(name)
     weights_dir = weights_root / name
     identity = weights.resolve(bb, {"init": "imagenet", "paths": {}, "missing": "error"}, weights_dir)
-    boundary = backbones.cut_boundary(bb, files.load_params(ROOT / "params.yaml")["finetune"]["cut_point"][name])
+    boundary = backbones.cut_boundary(bb, params.load(ROOT / "params.yaml")["finetune"]["cut_point"][name])
     record = backbones.preprocessing_record(bb, "native", size)
     paths, labels = elpv_sample(args.images + args.train_images)
     x = load_images(paths, labels, record)
@@ -88,7 +88,7 @@ def run_case(name: str, size: int, mixed: str, args, weights_root: Path) -> dict
         ips, outs = forward(extractor, x_eval, args.batch_size, args.repeats)
         train_feats = forward(extractor, x_train, args.batch_size, 1)[1]
         if head_weights is None:  # float32: the head every precision then runs
-            head, _, _ = train.train_head(
+            head, *_ = train.train_head(
                 train_feats["pooled"], y_train, train_feats["pooled"][:32], y_train[:32], 4, TRAIN, HEAD
             )
             head_weights = head.get_weights()
