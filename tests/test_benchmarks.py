@@ -4,27 +4,17 @@ train_head's old three values) is caught here rather than by the next person mea
 
 import os
 import re
-import subprocess
 import sys
 
 import pytest
-from helpers import ROOT
+from helpers import ROOT, run_cmd
 
 pytestmark = pytest.mark.slow
 
 
 def run_benchmark(script: str, *args: str) -> str:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), *args],
-        cwd=ROOT / "benchmarks",
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout
+    return run_cmd(sys.executable, str(ROOT / "benchmarks" / script), *args, cwd=ROOT / "benchmarks", env=env)
 
 
 def test_precision_benchmark_compares_both_backbones_with_real_weights():
