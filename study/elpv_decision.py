@@ -111,8 +111,9 @@ def report(scored: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", nargs="?", default=layout.run_name("finetune_top", "efficientnet_lite0", "native"))
-    parser.add_argument("--save", type=Path, help="write the run's probabilities, labels and ids to this .npz")
-    parser.add_argument("--ensemble", nargs="+", type=Path, metavar="NPZ", help="score the mean of saved runs")
+    mode = parser.add_mutually_exclusive_group()  # an ensemble scores saved files: nothing of its own to save
+    mode.add_argument("--save", type=Path, help="write the run's probabilities, labels and ids to this .npz")
+    mode.add_argument("--ensemble", nargs="+", type=Path, metavar="NPZ", help="score the mean of saved runs")
     args = parser.parse_args(argv)
     if args.ensemble:
         try:

@@ -127,3 +127,7 @@ def test_an_ensemble_averages_saved_runs_and_refuses_other_images(tmp_path, caps
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert f"{c} (val_ids, test_ids)" in err and str(b) + " (" not in err
+    with pytest.raises(SystemExit) as stop:  # --save beside --ensemble would be ignored: refused instead
+        decision.main(["--ensemble", str(a), str(b), "--save", str(tmp_path / "x.npz")])
+    assert stop.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    assert not (tmp_path / "x.npz").exists()
