@@ -62,7 +62,7 @@ def test_bad_control_values_are_refused_with_every_key_named():
         "train.lr_schedule: must be one of constant, cosine, plateau, got 'step'",
         "train.warmup_epochs: must be an integer >= 0, got -1",
         "finetune.label_smoothing: must be a number in [0, 1), got 1.5",
-        "finetune.class_weight: must be one of none, balanced, got 'auto'",
+        "finetune.class_weight: must be one of none, balanced, sqrt, got 'auto'",
         "finetune.augmentation: must be one of none, keras, el_cell, got 'el'",
     ):
         assert bad in message
@@ -158,6 +158,7 @@ def test_early_stopping_restores_the_best_epochs_weights_and_records_it():
 def test_balanced_class_weights_follow_scikit_learns_definition_and_reach_the_loss():
     y = np.array([0] * 6 + [1] * 2 + [2] * 4)
     assert train.class_weights(y, 3, "balanced") == pytest.approx({0: 12 / 18, 1: 12 / 6, 2: 12 / 12})
+    assert train.class_weights(y, 3, "sqrt") == pytest.approx({0: (12 / 18) ** 0.5, 1: 2**0.5, 2: 1.0})
     x = np.random.default_rng(0).normal(size=(12, 6)).astype("float32")
     cfg = {**CFG, "class_weight": "balanced", "epochs": 1, "learning_rate": 1e-12, "batch_size": 12}
     train.seed_everything(0)

@@ -180,7 +180,7 @@ CONTROLS = {
     "warmup_epochs": (integer(0), 0),  # cosine only
     "early_stopping_patience": (integer(0), 0),  # 0: off; else stop after this many epochs without improvement
     "early_stopping_monitor": (choice("val_loss", "val_accuracy"), "val_loss"),  # also what plateau watches
-    "class_weight": (choice("none", "balanced"), "none"),
+    "class_weight": (choice("none", "balanced", "sqrt"), "none"),
     "label_smoothing": (number(0, 1), 0.0),
 }
 CONTROL_DEFAULTS = {key: default for key, (_, default) in CONTROLS.items()}

@@ -135,7 +135,7 @@ class RunRecord(Provenance):
     val_accuracy: float | None = None  # trained runs: the kept epoch's (the last, or early stopping's best)
     epochs_run: int | None = None  # trained runs
     epoch_chosen: int | None = None  # trained runs: the epoch whose weights were kept (1-based)
-    class_weights: dict | None = None  # class index -> loss weight (train.class_weight: balanced)
+    class_weights: dict | None = None  # class index -> loss weight (class_weight: balanced or sqrt)
     probe_c: float | None = None  # the converged linear probe's L2 strength, chosen on validation
     cached_path: bool | None = None  # finetune methods: trained on stored cut-point activations
     parity: Parity | None = None  # frozen_end_to_end
