@@ -90,6 +90,8 @@ def parse_exp_show(rows: list) -> tuple[pd.DataFrame, dict]:
     for commit in rows:
         baseline = _params(commit.get("data") or {})
         for group in commit.get("experiments") or []:
+            if unfinished_state(group):
+                continue
             for rev in group.get("revs") or []:
                 name = rev.get("name") or group.get("name") or ""
                 match = EXP_NAME.match(name)
@@ -144,6 +146,28 @@ def parse_exp_show(rows: list) -> tuple[pd.DataFrame, dict]:
         "unavailable",
     ]
     return pd.DataFrame(records, columns=columns), experiments
+
+
+def unfinished_state(group: dict) -> str | None:
+    """'running', 'queued' or 'failed' for an experiment that has no results of its own yet.
+
+    A running workspace experiment is listed with the workspace's files, which until its own
+    stages finish are the previous experiment's: counting it would credit one experiment's
+    scores to another's name.
+    """
+    state = (group.get("executor") or {}).get("state")
+    return None if state in (None, "success") else state
+
+
+def unfinished(rows: list) -> dict:
+    """Pitfall experiments left out because they have not finished: name -> state."""
+    pending = {}
+    for commit in rows:
+        for group in commit.get("experiments") or []:
+            name = group.get("name") or next((r.get("name") for r in group.get("revs") or []), None) or ""
+            if (state := unfinished_state(group)) and EXP_NAME.match(name):
+                pending[name] = state
+    return pending
 
 
 def _number(value) -> float:
@@ -525,7 +549,7 @@ def _t_note(n_seeds: int) -> str:
     return f"t = {stats.t.ppf(0.975, n_seeds - 1):.2f} for {n_seeds} seeds"
 
 
-def markdown(experiments, prep, frozen, bn_at_bs1, tuned, alignment, seeds_used) -> str:
+def markdown(experiments, prep, frozen, bn_at_bs1, tuned, alignment, seeds_used, pending=None) -> str:
     wide = study_wide(experiments)
     source = next((e["params"].get("data.source") for e in experiments.values()), None)
     data = "the ELPV test split" if source in (None, "elpv") else f"the test split of `data.source={source}`"
@@ -544,6 +568,9 @@ def markdown(experiments, prep, frozen, bn_at_bs1, tuned, alignment, seeds_used)
         + ".",
         "",
     ]
+    if pending:
+        names = ", ".join(f"`{n}` ({s})" for n, s in sorted(pending.items()))
+        lines += [f"Left out, not finished when this report was written: {names}.", ""]
 
     lines += [
         "## 1. Preprocessing: `native` vs `rescale` (bottleneck head)",
@@ -877,18 +904,18 @@ def main(argv=None) -> None:
     parser.add_argument("--plot", default=str(ROOT / "reports/pitfalls.png"))
     args = parser.parse_args(argv)
 
-    if args.no_experiments:
-        table, experiments = parse_exp_show([])
-    else:
-        table, experiments = parse_exp_show(load_exp_show(args.exp_json, args.all_commits))
+    rows = [] if args.no_experiments else load_exp_show(args.exp_json, args.all_commits)
+    table, experiments = parse_exp_show(rows)
+    pending = unfinished(rows)
     seeds_used = sorted({e["seed"] for e in experiments.values()})
     prep, (frozen, bn_at_bs1), tuned = item_preprocessing(table), item_frozen(table), item_finetune(table)
     alignment = run_alignment(Path(args.features), [int(s) for s in args.seeds.split(",")])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(markdown(experiments, prep, frozen, bn_at_bs1, tuned, alignment, seeds_used))
+    out.write_text(markdown(experiments, prep, frozen, bn_at_bs1, tuned, alignment, seeds_used, pending))
     plot(prep, frozen, tuned, alignment, Path(args.plot))
-    print(f"wrote {out} and {args.plot} ({len(experiments)} experiments)")
+    left = f"; left out, not finished: {', '.join(f'{n} ({s})' for n, s in sorted(pending.items()))}" if pending else ""
+    print(f"wrote {out} and {args.plot} ({len(experiments)} experiments{left})")
 
 
 if __name__ == "__main__":

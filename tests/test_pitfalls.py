@@ -1,6 +1,7 @@
 """The pitfall study's report: statistics, parsing `dvc exp show --json`, label alignment, the grid script.
 
-Fast: no DVC run. The fixture below has the shape DVC 3.67 prints (checked on a tiny repository):
+Fast: one test runs real DVC on a two-stage toy pipeline (a running experiment); the rest parse a
+fixture with the shape DVC 3.67 prints (checked on a tiny repository):
 a list of baseline commits (and the workspace), each with `experiments`, groups of `revs` whose
 `data` holds `params` and `metrics` by file, each file as {"data": ...} or {"error": ...}.
 """
@@ -199,6 +200,105 @@ def test_parse_exp_show_reads_pitfall_experiments_only(exp_show):
     assert not pr.unavailable(table, f"train_head/{L}-native")
     assert "missing/run" in set(table["run"]) and not pr.unavailable(table, "missing/run")  # unreadable, not absent
     assert "results/eval" not in set(table["run"])
+
+
+TRAIN = """import os, time, yaml
+seed = yaml.safe_load(open("params.yaml"))["train"]["seed"]
+while seed == 1 and not os.path.exists("go"):  # the second experiment waits, as a long stage would
+    time.sleep(0.1)
+open("model.txt", "w").write(str(seed))
+"""
+SCORE = f"""import json, pathlib
+p = pathlib.Path("{layout.metrics_file(f"finetune_top/{L}-native").as_posix()}")
+p.parent.mkdir(parents=True, exist_ok=True)
+p.write_text(json.dumps({{"accuracy": 0.5 + int(open("model.txt").read()) / 10}}))
+"""
+PIPELINE = {
+    "stages": {
+        "train": {"cmd": "python train.py", "deps": ["train.py"], "params": ["train.seed"], "outs": ["model.txt"]},
+        "score": {
+            "cmd": "python score.py",
+            "deps": ["score.py", "model.txt"],
+            "metrics": [layout.metrics_file(f"finetune_top/{L}-native").as_posix()],
+        },
+    }
+}
+
+
+def test_a_running_experiment_is_not_credited_with_the_workspace_files(tmp_path):
+    """While `dvc exp run` is inside an early stage, `dvc exp show` lists the experiment with the
+    workspace's metrics, which are still the previous experiment's (found when a preview of the
+    study credited head-random-s1's 0.761 to adam-1e-3-s1, whose own score was 0.728)."""
+    import os
+    import time
+
+    from helpers import run_cmd
+
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    (tmp_path / "train.py").write_text(TRAIN)
+    (tmp_path / "score.py").write_text(SCORE)
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(PIPELINE))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": {"seed": 0}}))
+    (tmp_path / ".gitignore").write_text("/model.txt\n/results\n/go\n")
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+        run_cmd(*cmd, cwd=tmp_path, env=env)
+    run_cmd("dvc", "exp", "run", "--name", "pitfall-correct-s0", "-S", "train.seed=0", cwd=tmp_path, env=env)
+    second = subprocess.Popen(
+        ["dvc", "exp", "run", "--name", "pitfall-correct-s1", "-S", "train.seed=1"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            rows = json_exp_show(tmp_path, env)
+            if pr.unfinished(rows) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert pr.unfinished(rows) == {"pitfall-correct-s1": "running"}
+        running = [g for c in rows for g in c.get("experiments") or [] if g.get("name") == "pitfall-correct-s1"]
+        listed = running[0]["revs"][0]["data"]["metrics"]
+        assert [v["data"]["accuracy"] for v in listed.values()] == [0.5]  # the previous experiment's score
+        table, experiments = pr.parse_exp_show(rows)
+        assert sorted(experiments) == ["pitfall-correct-s0"]
+        assert pr.by_seed(table, "correct", f"finetune_top/{L}-native") == {0: 0.5}
+        frozen, bn_at_bs1 = pr.item_frozen(table)
+        page = pr.markdown(
+            experiments,
+            pr.item_preprocessing(table),
+            frozen,
+            bn_at_bs1,
+            pr.item_finetune(table),
+            [],
+            [0],
+            pr.unfinished(rows),
+        )
+        assert "Left out, not finished when this report was written: `pitfall-correct-s1` (running)." in page
+    finally:
+        (tmp_path / "go").touch()
+        out, _ = second.communicate(timeout=120)
+    assert second.returncode == 0, out
+    rows = json_exp_show(tmp_path, env)
+    table, experiments = pr.parse_exp_show(rows)
+    assert pr.unfinished(rows) == {}
+    assert pr.by_seed(table, "correct", f"finetune_top/{L}-native") == {0: 0.5, 1: 0.6}
+
+
+def json_exp_show(repo, env) -> list:
+    import json
+
+    from helpers import run_cmd
+
+    return json.loads(run_cmd("dvc", "exp", "show", "--json", cwd=repo, env=env))
 
 
 def test_changes_study_wide_settings_and_commands(exp_show):
