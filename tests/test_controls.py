@@ -38,6 +38,7 @@ def test_params_yaml_defaults_are_the_plain_keras_fit_and_missing_keys_get_them(
         "early_stopping_monitor": "val_loss",
         "class_weight": "none",
         "label_smoothing": 0.0,
+        "ema_momentum": 0.0,
     }
     assert p["train"]["probe_solver"] == "keras" and p["finetune"]["augmentation"] == "none"
     raw = params_yaml()
@@ -55,6 +56,7 @@ def test_bad_control_values_are_refused_with_every_key_named():
     raw = params_yaml()
     raw["train"].update(lr_schedule="step", warmup_epochs=-1, probe_solver="lbfgs")
     raw["finetune"].update(warmup_epochs=2, label_smoothing=1.5, class_weight="auto", augmentation="el")
+    raw["finetune"]["ema_momentum"] = 1.0
     with pytest.raises(ParamsError) as error:
         validate(raw)
     message = str(error.value)
@@ -64,14 +66,16 @@ def test_bad_control_values_are_refused_with_every_key_named():
         "finetune.label_smoothing: must be a number in [0, 1), got 1.5",
         "finetune.class_weight: must be one of none, balanced, sqrt, got 'auto'",
         "finetune.augmentation: must be one of none, keras, el_cell, got 'el'",
+        "finetune.ema_momentum: must be a number in [0, 1), got 1.0",
     ):
         assert bad in message
     raw = params_yaml()
-    raw["train"]["probe_solver"] = "lbfgs"  # head.units is 256
+    raw["train"].update(probe_solver="lbfgs", ema_momentum=0.9)  # head.units is 256
     raw["finetune"].update(warmup_epochs=2)  # constant schedule
     with pytest.raises(ParamsError) as error:
         validate(raw)
     assert "train.probe_solver: lbfgs trains the linear probe only (head.units 0), got units 256" in str(error.value)
+    assert "train.ema_momentum: averages a Keras optimizer's weights, not lbfgs's, got 0.9" in str(error.value)
     assert "finetune.warmup_epochs: warm-up needs lr_schedule cosine, got 'constant'" in str(error.value)
     raw = params_yaml()
     raw["finetune"].update(lr_schedule="cosine", warmup_epochs=raw["finetune"]["epochs"])
@@ -153,6 +157,50 @@ def test_early_stopping_restores_the_best_epochs_weights_and_records_it():
     loss, _ = model.evaluate(val, verbose=0)  # the kept weights are that epoch's, not the last
     assert loss == pytest.approx(history["val_loss"].iloc[best], rel=1e-5)
     assert loss < history["val_loss"].iloc[-1]
+
+
+def test_ema_weights_are_the_ones_validated_chosen_and_kept():
+    """Keras' moving average (first step: the weights; then m * average + (1 - m) * weights), recomputed from
+    an unaveraged run's per-step weights (the averaging does not change the steps): each epoch's validation
+    loss is the average's, and early stopping keeps the average at its best epoch, not the raw weights."""
+    x, y = toy()
+    cfg = {**CFG, "epochs": 8, "learning_rate": 0.05, "early_stopping_monitor": "val_accuracy"}
+    cfg |= {"early_stopping_patience": 2}
+    val = train.feature_dataset(x[48:], y[48:], 8)
+
+    def run(ema: float):
+        steps = []
+
+        class Steps(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                steps.append(self.model.get_weights())
+
+        train.seed_everything(0)
+        model = train.build_head((6,), 3, HEAD, 0)
+        train.compile_for(model, {**cfg, "ema_momentum": ema}, 48)
+        ds = train.feature_dataset(x[:48], y[:48], 8, 0)
+        history, _, chosen = train.fit_with(
+            {**cfg, "ema_momentum": ema}, model, ds, val, y[:48], 3, [Steps()] * (not ema)
+        )
+        return model, history, chosen, steps
+
+    _, raw_history, _, steps = run(0.0)
+    model, history, chosen = run(0.8)[:3]
+    assert chosen["epoch_chosen"] < chosen["epochs_run"] < 8  # stopped early, kept an earlier epoch
+    average, by_epoch = steps[0], []
+    for step, weights in enumerate(steps[1 : 6 * chosen["epochs_run"]], start=2):
+        average = [0.8 * a + 0.2 * w for a, w in zip(average, weights)]
+        if step % 6 == 0:  # 48 examples in batches of 8: an epoch's end
+            by_epoch.append(average)
+    scorer = train.build_head((6,), 3, HEAD, 0)
+    train.compile_for(scorer, CFG, 48)
+    for epoch, weights in enumerate(by_epoch):
+        scorer.set_weights(weights)
+        assert history["val_loss"].iloc[epoch] == pytest.approx(scorer.evaluate(val, verbose=0)[0], rel=1e-5)
+    assert not np.allclose(history["val_loss"], raw_history["val_loss"].iloc[: len(history)])
+    kept = by_epoch[chosen["epoch_chosen"] - 1]
+    assert all(np.allclose(a, b, atol=1e-6) for a, b in zip(model.get_weights(), kept))
+    assert isinstance(train.control_callbacks({**CFG, "ema_momentum": 0.8})[0], keras.callbacks.SwapEMAWeights)
 
 
 def test_balanced_class_weights_follow_scikit_learns_definition_and_reach_the_loss():

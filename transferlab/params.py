@@ -182,6 +182,7 @@ CONTROLS = {
     "early_stopping_monitor": (choice("val_loss", "val_accuracy"), "val_loss"),  # also what plateau watches
     "class_weight": (choice("none", "balanced", "sqrt"), "none"),
     "label_smoothing": (number(0, 1), 0.0),
+    "ema_momentum": (number(0, 1), 0.0),  # 0: off; else the weights scored and kept are a moving average
 }
 CONTROL_DEFAULTS = {key: default for key, (_, default) in CONTROLS.items()}
 
@@ -289,6 +290,9 @@ def _relations(p: dict) -> list[str]:
     if "train" in p and "head" in p and p["train"]["probe_solver"] == "lbfgs" and p["head"]["units"]:
         units = p["head"]["units"]
         problems.append(f"train.probe_solver: lbfgs trains the linear probe only (head.units 0), got units {units}")
+    if "train" in p and p["train"]["probe_solver"] == "lbfgs" and p["train"]["ema_momentum"]:
+        ema = p["train"]["ema_momentum"]
+        problems.append(f"train.ema_momentum: averages a Keras optimizer's weights, not lbfgs's, got {ema}")
     if "data" in p and p["data"]["source"] == "folder" and not p["data"]["folder"]:
         problems.append("data.folder: must name the image tree when data.source is folder, got None")
     if "finetune" in p:

@@ -131,11 +131,15 @@ def top_model(base: keras.Model, boundary: str, head: keras.Model, pooling: str)
     return keras.Model(inputs, head(_pool(upper(inputs), pooling)), name=f"{base.name}_top")
 
 
-def make_optimizer(name: str, learning_rate, momentum: float = 0.0):
-    """``name`` is one of transferlab.params.OPTIMIZERS (checked there); ``learning_rate`` may be a schedule."""
+def make_optimizer(name: str, learning_rate, momentum: float = 0.0, ema_momentum: float = 0.0):
+    """``name`` is one of transferlab.params.OPTIMIZERS (checked there); ``learning_rate`` may be a schedule.
+
+    ``ema_momentum`` > 0 has the optimizer keep an exponential moving average of the weights (Keras'
+    ``use_ema``); :func:`control_callbacks` makes validation and early stopping see it."""
+    ema = {"use_ema": True, "ema_momentum": ema_momentum} if ema_momentum else {}
     return {
-        "adam": lambda: keras.optimizers.Adam(learning_rate),
-        "sgd": lambda: keras.optimizers.SGD(learning_rate, momentum=momentum),
+        "adam": lambda: keras.optimizers.Adam(learning_rate, **ema),
+        "sgd": lambda: keras.optimizers.SGD(learning_rate, momentum=momentum, **ema),
     }[name]()
 
 
@@ -182,12 +186,19 @@ def optimizer_for(cfg: dict, n_train: int, batch_size: int | None = None):
     in batches of ``batch_size`` (the section's own by default)."""
     cfg = with_controls(cfg)
     steps = -(-n_train // (batch_size or cfg["batch_size"]))
-    return make_optimizer(cfg["optimizer"], lr_schedule(cfg, steps), cfg["momentum"])
+    return make_optimizer(cfg["optimizer"], lr_schedule(cfg, steps), cfg["momentum"], cfg["ema_momentum"])
 
 
 def control_callbacks(cfg: dict) -> list:
-    """Early stopping on validation (best weights restored) and reduce-on-plateau, as the section asks."""
+    """Early stopping on validation (best weights restored) and reduce-on-plateau, as the section asks.
+
+    With ``ema_momentum`` the averaged weights are swapped in before each validation and stay in the model
+    through ``on_epoch_end``, so the validation figures, the epoch early stopping keeps and the weights it
+    restores are all the averaged ones (the swap comes first in the list: Keras calls callbacks in order).
+    """
     cfg, out = with_controls(cfg), []
+    if cfg["ema_momentum"]:
+        out.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
     if cfg["lr_schedule"] == "plateau":
         out.append(
             keras.callbacks.ReduceLROnPlateau(
