@@ -12,6 +12,9 @@
 #   PROTOCOL=gpu study/elpv_protocol.sh     the GPU variant: VGG16 at 224 px fine-tuned from block3_conv1 with
 #                                           the el_cell augmentation on images (ResNet50: PROTOCOL=gpu-resnet50,
 #                                           when its ImageNet weights are online)
+#   CANDIDATE=ema EXTRA="finetune.ema_momentum=0.99" SEEDS=0 study/elpv_protocol.sh
+#                                           a candidate: the protocol with EXTRA's overrides, each replacing
+#                                           the protocol's value of its key, named elpv-cpu-ema-s0
 #   DRY_RUN=1 study/elpv_protocol.sh        print the commands, run nothing
 #   RERUN=1 ...                             replace experiments that exist (default: keep them and go on)
 #
@@ -42,8 +45,18 @@ esac
 
 # one line for read (it stops at a newline), which splits on whitespace without globbing the brackets
 read -ra overrides <<<"$(tr '\n' ' ' <<<"$common $settings")"  # each key once (tests/test_elpv_protocol.py)
+read -ra extra <<<"${EXTRA:-}"
+if [[ ${#extra[@]} -gt 0 && -z ${CANDIDATE:-} ]]; then
+  echo "EXTRA changes the recipe: name the candidate with CANDIDATE=... (its runs: elpv-$PROTOCOL-<CANDIDATE>-s<seed>)" >&2
+  exit 2
+fi
+for e in "${extra[@]}"; do  # a candidate's override replaces the protocol's value of the same key
+  kept=(); for p in "${overrides[@]}"; do [[ ${p%%=*} == "${e%%=*}" ]] || kept+=("$p"); done
+  overrides=("${kept[@]}" "$e")
+done
+tag=$PROTOCOL${CANDIDATE:+-$CANDIDATE}
 command_for() {  # seed -> the dvc command in $cmd; evaluate, not export: the protocol registers no champion
-  cmd=(dvc exp run evaluate --name "elpv-$PROTOCOL-s$1" -S "train.seed=$1")
+  cmd=(dvc exp run evaluate --name "elpv-$tag-s$1" -S "train.seed=$1")
   for p in "${overrides[@]}"; do cmd+=(-S "$p"); done
 }
 
@@ -59,7 +72,7 @@ existing=$(dvc exp list --name-only 2>/dev/null || true)
 start=$SECONDS
 for seed in $SEEDS; do
   command_for "$seed"
-  name="elpv-$PROTOCOL-s$seed"
+  name="elpv-$tag-s$seed"
   if grep -qx "$name" <<<"$existing"; then
     if [[ -z ${RERUN:-} ]]; then echo "$name exists, kept (RERUN=1 replaces it)"; continue; fi
     dvc exp remove "$name"

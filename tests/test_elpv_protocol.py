@@ -21,9 +21,10 @@ decision = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(decision)
 
 
-def protocol_overrides(protocol: str, seeds: str) -> list[tuple[str, list[str]]]:
+def protocol_overrides(protocol: str, seeds: str, **candidate: str) -> list[tuple[str, list[str]]]:
     """(experiment name, its `-S` overrides) for each command the script prints."""
     env = {"DRY_RUN": "1", "PROTOCOL": protocol, "SEEDS": seeds, "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
+    env |= candidate
     out = subprocess.run(
         ["bash", "study/elpv_protocol.sh"], cwd=ROOT, env=env, capture_output=True, text=True, check=True
     ).stdout
@@ -38,10 +39,10 @@ def protocol_overrides(protocol: str, seeds: str) -> list[tuple[str, list[str]]]
     return commands
 
 
-def protocol_runs(protocol: str, seeds: str = "0 1 2") -> list[tuple[str, dict]]:
+def protocol_runs(protocol: str, seeds: str = "0 1 2", **candidate: str) -> list[tuple[str, dict]]:
     """(experiment name, the validated params it runs with) for each command the script prints."""
     text = (ROOT / "params.yaml").read_text()  # with_overrides edits in place: a fresh copy for each run
-    runs = protocol_overrides(protocol, seeds)
+    runs = protocol_overrides(protocol, seeds, **candidate)
     return [(name, validate(with_overrides(yaml.safe_load(text), overrides))) for name, overrides in runs]
 
 
@@ -90,6 +91,21 @@ def test_the_pitfall_study_fine_tunes_by_the_cpu_protocols_recipe_on_a_shorter_b
             node = node[part]
         assert node == value, f"{key}: pitfalls.yaml {value!r}, elpv_protocol.sh {node!r}"
     assert study["finetune.early_stopping_patience"] == study["finetune.epochs"]  # the best epoch of all is kept
+
+
+def test_a_candidate_is_the_protocol_with_its_overrides_replacing_the_protocols_values():
+    ((_, protocol),) = protocol_runs("cpu", "0")
+    extra = "finetune.ema_momentum=0.99 finetune.epochs=20"
+    ((name, params),) = protocol_runs("cpu", "0", CANDIDATE="ema", EXTRA=extra)  # each key once: checked there
+    assert name == "elpv-cpu-ema-s0"
+    assert (params["finetune"]["ema_momentum"], params["finetune"]["epochs"]) == (0.99, 20)
+    assert protocol["finetune"]["ema_momentum"] == 0.0 and protocol["finetune"]["epochs"] == 16
+    assert {**params, "finetune": None} == {**protocol, "finetune": None}
+    changed = {k for k in protocol["finetune"] if protocol["finetune"][k] != params["finetune"][k]}
+    assert changed == {"ema_momentum", "epochs"}
+    env = {"DRY_RUN": "1", "EXTRA": extra, "PATH": "/usr/bin:/bin"}  # unnamed, it would pass for the protocol
+    out = subprocess.run(["bash", "study/elpv_protocol.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 2 and "name the candidate with CANDIDATE" in out.stderr and not out.stdout
 
 
 def test_unknown_protocol_is_refused_before_anything_runs():
