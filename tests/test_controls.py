@@ -39,6 +39,7 @@ def test_params_yaml_defaults_are_the_plain_keras_fit_and_missing_keys_get_them(
         "class_weight": "none",
         "label_smoothing": 0.0,
         "ema_momentum": 0.0,
+        "oversample": "none",
     }
     assert p["train"]["probe_solver"] == "keras" and p["finetune"]["augmentation"] == "none"
     raw = params_yaml()
@@ -56,7 +57,7 @@ def test_bad_control_values_are_refused_with_every_key_named():
     raw = params_yaml()
     raw["train"].update(lr_schedule="step", warmup_epochs=-1, probe_solver="lbfgs")
     raw["finetune"].update(warmup_epochs=2, label_smoothing=1.5, class_weight="auto", augmentation="el")
-    raw["finetune"]["ema_momentum"] = 1.0
+    raw["finetune"].update(ema_momentum=1.0, oversample="smote")
     with pytest.raises(ParamsError) as error:
         validate(raw)
     message = str(error.value)
@@ -67,15 +68,17 @@ def test_bad_control_values_are_refused_with_every_key_named():
         "finetune.class_weight: must be one of none, balanced, sqrt, got 'auto'",
         "finetune.augmentation: must be one of none, keras, el_cell, got 'el'",
         "finetune.ema_momentum: must be a number in [0, 1), got 1.0",
+        "finetune.oversample: must be one of none, sqrt, balanced, got 'smote'",
     ):
         assert bad in message
     raw = params_yaml()
-    raw["train"].update(probe_solver="lbfgs", ema_momentum=0.9)  # head.units is 256
+    raw["train"].update(probe_solver="lbfgs", ema_momentum=0.9, oversample="sqrt")  # head.units is 256
     raw["finetune"].update(warmup_epochs=2)  # constant schedule
     with pytest.raises(ParamsError) as error:
         validate(raw)
     assert "train.probe_solver: lbfgs trains the linear probe only (head.units 0), got units 256" in str(error.value)
     assert "train.ema_momentum: averages a Keras optimizer's weights, not lbfgs's, got 0.9" in str(error.value)
+    assert "train.oversample: lbfgs fits every row once (class_weight weighs them), got 'sqrt'" in str(error.value)
     assert "finetune.warmup_epochs: warm-up needs lr_schedule cosine, got 'constant'" in str(error.value)
     raw = params_yaml()
     raw["finetune"].update(lr_schedule="cosine", warmup_epochs=raw["finetune"]["epochs"])
@@ -303,3 +306,46 @@ def test_linear_probe_converges_and_is_written_into_the_keras_head():
         expected = clf.predict_proba(scaler.transform(x[200:]))
         got = tf.nn.softmax(logits).numpy()[:, :classes]
         assert got == pytest.approx(expected, abs=1e-4)
+
+
+def epochs_of(ds, n_epochs: int) -> list[np.ndarray]:
+    return [np.array(list(ds.as_numpy_iterator())) for _ in range(n_epochs)]
+
+
+def test_oversampling_draws_classes_by_a_power_of_their_counts_and_keeps_the_epochs_length():
+    y = np.array([0] * 60 + [1] * 15 + [2] * 5)  # shares 0.75 / 0.1875 / 0.0625
+    plain = epochs_of(features.epoch_order(y, 3), 2)
+    assert all(sorted(e) == list(range(80)) for e in plain) and not np.array_equal(*plain)  # each row once
+    assert np.array_equal(plain[0], epochs_of(tf.data.Dataset.range(80).shuffle(80, seed=3), 1)[0])  # as before
+    for mode, power in (("sqrt", 0.5), ("balanced", 0.0)):
+        epochs = epochs_of(features.epoch_order(y, 3, mode), 200)
+        assert {len(e) for e in epochs} == {80}  # the epoch keeps its length: the schedule's steps do not change
+        assert not np.array_equal(epochs[0], epochs[1])  # drawn anew each epoch
+        assert all(np.array_equal(a, b) for a, b in zip(epochs[:3], epochs_of(features.epoch_order(y, 3, mode), 3)))
+        drawn = np.bincount(y[np.concatenate(epochs)], minlength=3) / (200 * 80)
+        expected = np.array([60, 15, 5]) ** power / (np.array([60, 15, 5]) ** power).sum()
+        assert drawn == pytest.approx(expected, abs=0.01)  # 16,000 draws: binomial sd below 0.004
+        for epoch in epochs:  # within an epoch a class's rows come in reshuffled cycles: none drawn twice more
+            rare = epoch[y[epoch] == 2] - 75
+            assert np.ptp(np.bincount(rare, minlength=5)) <= 1
+    assert epochs_of(features.epoch_order(y, None, "sqrt"), 1)[0].tolist() == list(range(80))  # unshuffled: in order
+
+
+def test_oversampled_features_and_images_come_in_the_same_order(tmp_path):
+    """frozen_end_to_end must reproduce train_head: under oversampling too, images and their features are drawn
+    row for row alike."""
+    from PIL import Image
+
+    from transferlab import backbones
+
+    paths, y = [], np.array([0, 0, 0, 0, 0, 1, 1, 2])
+    for i in range(len(y)):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(np.full((4, 4, 3), i * 30, np.uint8)).save(paths[-1])
+    record = backbones.preprocessing_record(backbones.get("vgg16"), "rescale", 4)
+    x = np.arange(len(y), dtype=np.float32)[:, None] * 30 / 255  # row i's feature: its image's pixel value
+    for _ in range(3):
+        images = features.image_dataset(paths, y, record, 3, shuffle_seed=7, oversample="balanced")
+        rows = train.feature_dataset(x, y, 3, shuffle_seed=7, oversample="balanced")
+        for (xi, yi), (xf, yf) in zip(images, rows, strict=True):
+            assert np.allclose(xi.numpy()[:, 0, 0, 0], xf.numpy()[:, 0]) and np.array_equal(yi, yf)

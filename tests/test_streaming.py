@@ -12,8 +12,9 @@ HEAD = {"units": 16, "dropout": 0.5, "dropout_position": "after_dense", "pooling
 CFG = {"seed": 0, "epochs": 3, "batch_size": 8, "optimizer": "adam", "learning_rate": 1e-2, "momentum": 0.9}
 
 
-def in_memory_dataset(x, y, batch_size, shuffle_seed=None):
+def in_memory_dataset(x, y, batch_size, shuffle_seed=None, oversample="none"):
     """The former train.feature_dataset, kept here as the reference the streamed one must reproduce."""
+    assert oversample == "none"  # it predates oversampling (tests/test_controls.py tests that)
     ds = tf.data.Dataset.from_tensor_slices((np.asarray(x, np.float32), np.asarray(y, np.int32)))
     if shuffle_seed is not None:
         ds = ds.shuffle(len(y), seed=shuffle_seed, reshuffle_each_iteration=True)

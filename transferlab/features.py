@@ -76,6 +76,34 @@ class RandomRot90(keras.layers.Layer):
         return tf.gather(turns, k, axis=1, batch_dims=1)
 
 
+# oversample setting -> the power of a class's count its sampling probability is proportional to
+OVERSAMPLE_POWER = {"sqrt": 0.5, "balanced": 0.0}
+
+
+def epoch_order(labels, shuffle_seed: int | None = None, oversample: str = "none") -> tf.data.Dataset:
+    """The row indices of one epoch: in order; every row once, reshuffled each epoch (``shuffle_seed``); or,
+    oversampled, as many draws as rows, each from a class chosen with probability proportional to its count
+    to the power OVERSAMPLE_POWER[oversample] (balanced: uniform), taking that class's next row in an order
+    reshuffled on each pass. The epoch keeps its length, so schedules and budgets stay as they were, while rare
+    classes are seen more often, each time under a new augmentation. Seeded: the same seed, the same epochs."""
+    n = len(labels)
+    if oversample == "none" or shuffle_seed is None:
+        ds = tf.data.Dataset.range(n)  # tf.data's seeded permutation does not depend on the elements
+        return ds if shuffle_seed is None else ds.shuffle(n, seed=shuffle_seed, reshuffle_each_iteration=True)
+    labels = np.asarray(labels)
+    classes, counts = np.unique(labels, return_counts=True)
+    weights = counts.astype(np.float64) ** OVERSAMPLE_POWER[oversample]
+    rows = [
+        tf.data.Dataset.from_tensor_slices(np.flatnonzero(labels == c).astype(np.int64))
+        .shuffle(count, seed=shuffle_seed + 1 + i, reshuffle_each_iteration=True)
+        .repeat()
+        for i, (c, count) in enumerate(zip(classes, counts))
+    ]
+    return tf.data.Dataset.sample_from_datasets(
+        rows, (weights / weights.sum()).tolist(), seed=shuffle_seed, rerandomize_each_iteration=True
+    ).take(n)
+
+
 def image_dataset(
     paths,
     labels,
@@ -84,15 +112,16 @@ def image_dataset(
     shuffle_seed: int | None = None,
     augment_seed: int | None = None,
     augment_preset: str = "keras",
+    oversample: str = "none",
 ) -> tf.data.Dataset:
-    """(preprocessed images, labels) batches, in manifest order unless shuffled.
+    """(preprocessed images, labels) batches, in manifest order unless shuffled (:func:`epoch_order`).
 
     Augmentation acts on resized 0..255 RGB images, before normalisation, exactly
     where Keras' ImageDataGenerator recipes apply it.
     """
-    ds = tf.data.Dataset.from_tensor_slices((list(paths), np.asarray(labels, np.int32)))
-    if shuffle_seed is not None:
-        ds = ds.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
+    paths, labels = tf.constant(list(paths), tf.string), tf.constant(np.asarray(labels, np.int32))
+    ds = epoch_order(labels.numpy(), shuffle_seed, oversample)
+    ds = ds.map(lambda i: (tf.gather(paths, i), tf.gather(labels, i)))
     ds = ds.map(lambda p, y: (resize(_decode(p), record), y), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(batch_size)
     if augment_seed is not None:

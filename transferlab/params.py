@@ -173,6 +173,7 @@ AUGMENTATIONS = ("none", "train", "train_and_val")
 CUT_DTYPES = ("float32", "float16")  # how cut-point activations are stored (transferlab.cut)
 AUGMENTATION_PRESETS = ("none", "keras", "el_cell")  # transferlab.features.augmenter
 LR_SCHEDULES = ("constant", "cosine", "plateau")
+OVERSAMPLING = ("sqrt", "balanced")  # transferlab.features.OVERSAMPLE_POWER
 # The training controls of the train and finetune sections (README, "Training controls"); each is optional,
 # and its default is the behaviour from before it existed: constant rate, no early stopping, no weighting.
 CONTROLS = {
@@ -183,6 +184,7 @@ CONTROLS = {
     "class_weight": (choice("none", "balanced", "sqrt"), "none"),
     "label_smoothing": (number(0, 1), 0.0),
     "ema_momentum": (number(0, 1), 0.0),  # 0: off; else the weights scored and kept are a moving average
+    "oversample": (choice("none", *OVERSAMPLING), "none"),  # draw the training rows by class (features.epoch_order)
 }
 CONTROL_DEFAULTS = {key: default for key, (_, default) in CONTROLS.items()}
 
@@ -293,6 +295,9 @@ def _relations(p: dict) -> list[str]:
     if "train" in p and p["train"]["probe_solver"] == "lbfgs" and p["train"]["ema_momentum"]:
         ema = p["train"]["ema_momentum"]
         problems.append(f"train.ema_momentum: averages a Keras optimizer's weights, not lbfgs's, got {ema}")
+    if "train" in p and p["train"]["probe_solver"] == "lbfgs" and p["train"]["oversample"] != "none":
+        drawn = p["train"]["oversample"]
+        problems.append(f"train.oversample: lbfgs fits every row once (class_weight weighs them), got {drawn!r}")
     if "data" in p and p["data"]["source"] == "folder" and not p["data"]["folder"]:
         problems.append("data.folder: must name the image tree when data.source is folder, got None")
     if "finetune" in p:

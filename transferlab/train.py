@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from transferlab import backbones, layout, precision
+from transferlab import backbones, features, layout, precision
 from transferlab.params import CONTROL_DEFAULTS, OPTIONAL
 
 
@@ -325,17 +325,17 @@ def fit_with(cfg: dict, model: keras.Model, train_ds, val_ds, y_train, n_classes
     return history, seconds, summary
 
 
-def feature_dataset(x, y, batch_size: int, shuffle_seed: int | None = None) -> tf.data.Dataset:
-    """Features in batches, in the same shuffled order image_dataset gives the same rows.
+def feature_dataset(
+    x, y, batch_size: int, shuffle_seed: int | None = None, oversample: str = "none"
+) -> tf.data.Dataset:
+    """Features in batches, in the same order image_dataset gives the same rows (features.epoch_order).
 
-    The shuffle acts on row indices (tf.data's seeded permutation does not depend on the elements),
-    and each batch's rows are then read from ``x``: a memory-mapped array is never loaded whole.
+    The order is of row indices, and each batch's rows are then read from ``x``: a memory-mapped array is
+    never loaded whole.
     """
     y = np.asarray(y, np.int32)
     read = _row_reader(x)
-    ds = tf.data.Dataset.range(len(y))
-    if shuffle_seed is not None:
-        ds = ds.shuffle(len(y), seed=shuffle_seed, reshuffle_each_iteration=True)
+    ds = features.epoch_order(y, shuffle_seed, oversample)
 
     def rows(index):
         batch = tf.numpy_function(read, [index], tf.float32, stateful=False)
@@ -373,7 +373,7 @@ def train_head(x_train, y_train, x_val, y_val, n_classes: int, cfg: dict, head: 
     history, seconds, summary = fit_with(
         cfg,
         model,
-        feature_dataset(x_train, y_train, cfg["batch_size"], shuffle_seed=cfg["seed"]),
+        feature_dataset(x_train, y_train, cfg["batch_size"], cfg["seed"], cfg["oversample"]),
         feature_dataset(x_val, y_val, cfg["batch_size"]),
         y_train,
         n_classes,
