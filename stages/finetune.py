@@ -82,7 +82,7 @@ def main(params: dict, method: str, name: str) -> None:
                 seed if shuffle else None,
                 seed + (split == "val") if preset else None,
                 preset or "keras",
-                cfg["oversample"] if shuffle else "none",
+                cfg["oversample"],  # unshuffled (validation): in order, never resampled
             )
 
         with tracking.run(record, params) as active:
@@ -100,9 +100,8 @@ def main(params: dict, method: str, name: str) -> None:
                 data_sets = []
                 for split in ("train", "val"):
                     _, labels, x = features.load_split(cut_dir, split, "cut")
-                    shuffled = split == "train"
-                    drawn = cfg["oversample"] if shuffled else "none"
-                    data_sets.append(train.feature_dataset(x, labels, batch_size, seed if shuffled else None, drawn))
+                    shuffle_seed = seed if split == "train" else None
+                    data_sets.append(train.feature_dataset(x, labels, batch_size, shuffle_seed, cfg["oversample"]))
             else:
                 data_sets = [images("train", True, plan.augment[0]), images("val", False, plan.augment[1])]
             y_train, live = splits["train"]["class_index"].to_numpy(), tracking.callbacks(live_dir)

@@ -10,7 +10,7 @@ import yaml
 from helpers import ROOT
 
 from transferlab import features, train
-from transferlab.params import CONTROL_DEFAULTS, ParamsError, validate
+from transferlab.params import CONTROL_DEFAULTS, OVERSAMPLING, ParamsError, validate
 
 HEAD = {"units": 16, "dropout": 0.0, "dropout_position": "after_dense", "pooling": "avg"}
 CFG = {"seed": 0, "epochs": 4, "batch_size": 8, "optimizer": "adam", "learning_rate": 0.01, "momentum": 0.9}
@@ -183,7 +183,7 @@ def test_ema_weights_are_the_ones_validated_chosen_and_kept():
         train.compile_for(model, {**cfg, "ema_momentum": ema}, 48)
         ds = train.feature_dataset(x[:48], y[:48], 8, 0)
         history, _, chosen = train.fit_with(
-            {**cfg, "ema_momentum": ema}, model, ds, val, y[:48], 3, [Steps()] * (not ema)
+            {**cfg, "ema_momentum": ema}, model, ds, val, y[:48], 3, [] if ema else [Steps()]
         )
         return model, history, chosen, steps
 
@@ -329,6 +329,7 @@ def test_oversampling_draws_classes_by_a_power_of_their_counts_and_keeps_the_epo
             rare = epoch[y[epoch] == 2] - 75
             assert np.ptp(np.bincount(rare, minlength=5)) <= 1
     assert epochs_of(features.epoch_order(y, None, "sqrt"), 1)[0].tolist() == list(range(80))  # unshuffled: in order
+    assert set(OVERSAMPLING) == set(features.OVERSAMPLE_POWER)  # every mode params accepts has its power
 
 
 def test_oversampled_features_and_images_come_in_the_same_order(tmp_path):

@@ -119,10 +119,11 @@ def image_dataset(
     Augmentation acts on resized 0..255 RGB images, before normalisation, exactly
     where Keras' ImageDataGenerator recipes apply it.
     """
-    paths, labels = tf.constant(list(paths), tf.string), tf.constant(np.asarray(labels, np.int32))
-    ds = epoch_order(labels.numpy(), shuffle_seed, oversample)
-    ds = ds.map(lambda i: (tf.gather(paths, i), tf.gather(labels, i)))
-    ds = ds.map(lambda p, y: (resize(_decode(p), record), y), num_parallel_calls=tf.data.AUTOTUNE)
+    paths, labels = tf.constant(list(paths), tf.string), np.asarray(labels, np.int32)
+    ds = epoch_order(labels, shuffle_seed, oversample).map(
+        lambda i: (resize(_decode(tf.gather(paths, i)), record), tf.gather(labels, i)),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
     ds = ds.batch(batch_size)
     if augment_seed is not None:
         aug = augmenter(augment_seed, augment_preset)

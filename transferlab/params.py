@@ -187,6 +187,11 @@ CONTROLS = {
     "oversample": (choice("none", *OVERSAMPLING), "none"),  # draw the training rows by class (features.epoch_order)
 }
 CONTROL_DEFAULTS = {key: default for key, (_, default) in CONTROLS.items()}
+# controls of Keras' fit that the converged linear probe (scikit-learn's L-BFGS) has no counterpart for
+LBFGS_REFUSES = {
+    "ema_momentum": "averages a Keras optimizer's weights, not lbfgs's",
+    "oversample": "lbfgs fits every row once (class_weight weighs them)",
+}
 
 # section -> key -> check. A key is required unless listed in OPTIONAL (value: its default).
 SCHEMA: dict[str, dict[str, Check]] = {
@@ -292,12 +297,9 @@ def _relations(p: dict) -> list[str]:
     if "train" in p and "head" in p and p["train"]["probe_solver"] == "lbfgs" and p["head"]["units"]:
         units = p["head"]["units"]
         problems.append(f"train.probe_solver: lbfgs trains the linear probe only (head.units 0), got units {units}")
-    if "train" in p and p["train"]["probe_solver"] == "lbfgs" and p["train"]["ema_momentum"]:
-        ema = p["train"]["ema_momentum"]
-        problems.append(f"train.ema_momentum: averages a Keras optimizer's weights, not lbfgs's, got {ema}")
-    if "train" in p and p["train"]["probe_solver"] == "lbfgs" and p["train"]["oversample"] != "none":
-        drawn = p["train"]["oversample"]
-        problems.append(f"train.oversample: lbfgs fits every row once (class_weight weighs them), got {drawn!r}")
+    for key, why in LBFGS_REFUSES.items():
+        if "train" in p and p["train"]["probe_solver"] == "lbfgs" and p["train"][key] != CONTROL_DEFAULTS[key]:
+            problems.append(f"train.{key}: {why}, got {p['train'][key]!r}")
     if "data" in p and p["data"]["source"] == "folder" and not p["data"]["folder"]:
         problems.append("data.folder: must name the image tree when data.source is folder, got None")
     if "finetune" in p:
