@@ -92,4 +92,4 @@ def main(all_params: dict) -> None:
 
 
 if __name__ == "__main__":
-    cli.run("evaluate", main, __doc__, errors=(provenance.ProvenanceMismatch,))
+    cli.run("evaluate", main, __doc__, errors=(provenance.ProvenanceMismatch, data.DataError))

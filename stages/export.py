@@ -53,4 +53,4 @@ def main(params: dict) -> None:
 
 
 if __name__ == "__main__":
-    cli.run("export", main, __doc__, errors=(export.ExportError, provenance.ProvenanceMismatch))
+    cli.run("export", main, __doc__, errors=(export.ExportError, provenance.ProvenanceMismatch, data.DataError))

@@ -4,7 +4,7 @@ Writes features/BACKBONE-PREPROCESSING/{train,val,test}/ and meta.json (how they
 extraction speed to results/extract_features/BACKBONE-PREPROCESSING.json.
 """
 
-from transferlab import backbones, cli, features, files, layout, precision, provenance, weights
+from transferlab import backbones, cli, data, features, files, layout, precision, provenance, weights
 
 
 def main(params: dict, name: str, variant: str) -> None:
@@ -39,5 +39,9 @@ def main(params: dict, name: str, variant: str) -> None:
 
 if __name__ == "__main__":
     cli.run(
-        "extract_features", main, __doc__, {"backbone": sorted(backbones.REGISTRY), "preprocessing": backbones.VARIANTS}
+        "extract_features",
+        main,
+        __doc__,
+        {"backbone": sorted(backbones.REGISTRY), "preprocessing": backbones.VARIANTS},
+        (data.DataError,),
     )

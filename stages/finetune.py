@@ -42,13 +42,7 @@ def main(params: dict, method: str, name: str) -> None:
         stage="finetune",
         method=method,
         status="trained",
-        params={
-            plan.section: cfg,
-            "head": plan.head_cfg,
-            "ablation": ablation,
-            "cut_boundary": plan.boundary,
-            "compute": {"precision": source.precision},
-        },
+        params={**plan.recorded, "compute": {"precision": source.precision}},
     )
     with (
         files.atomic_dir(layout.run_dir(plan.run_name)) as out,
@@ -137,5 +131,5 @@ if __name__ == "__main__":
         main,
         __doc__,
         {"method": layout.FINETUNE_METHODS, "backbone": sorted(backbones.REGISTRY)},
-        (provenance.ProvenanceMismatch, FloatingPointError),
+        (provenance.ProvenanceMismatch, FloatingPointError, data.DataError),
     )

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from transferlab import backbones, cut, data, features, layout, metrics, precision, provenance, train, weights
+from transferlab import backbones, cut, data, features, layout, metrics, precision, provenance, tracking, train, weights
 from transferlab.params import validate, with_overrides
 
 
@@ -39,7 +39,7 @@ def finetune_top(params: dict, bb, boundary: str, meta, head, split: dict, n_cla
     history, _, summary = train.fit_with(
         ft,
         model,
-        train.feature_dataset(split["train"][1], split["train"][0], ft["batch_size"], seed),
+        train.feature_dataset(split["train"][1], split["train"][0], ft["batch_size"], seed, ft["oversample"]),
         train.feature_dataset(split["val"][1], split["val"][0], ft["batch_size"]),
         split["train"][0],
         n_classes,
@@ -56,6 +56,14 @@ def test_activations(bb, boundary: str, meta, batch_size: int):
     return rows["class_index"].to_numpy(), np.concatenate([model(x, training=False)["cut"].numpy() for x, _ in ds])
 
 
+def not_applied(params: dict) -> list[str]:
+    """Settings the pipeline would apply and this search cannot (it trains on the cached activations, with no
+    ablation): search.jsonl records the overrides beside the figures, so they are refused."""
+    ablation = [f"ablation.{k}={v}" for k, v in params["ablation"].items() if v != tracking.ABLATION_OFF[k]]
+    augmentation = params["finetune"]["augmentation"]
+    return ablation + ([f"finetune.augmentation={augmentation}"] if augmentation != "none" else [])
+
+
 def main(name: str, overrides: list[str], out: Path = Path("search.jsonl")) -> None:
     params = validate(with_overrides(yaml.safe_load(Path("params.yaml").read_text()), overrides))
     ft, head_cfg, seed = params["finetune"], params["head"], params["train"]["seed"]
@@ -68,6 +76,8 @@ def main(name: str, overrides: list[str], out: Path = Path("search.jsonl")) -> N
         raise SystemExit(
             f"{cut_dir} holds no activations at {boundary}; run `dvc repro extract_cut` with this cut point"
         )
+    if not_applied(params):
+        raise SystemExit(f"{', '.join(not_applied(params))}: the search trains on cached activations; use the pipeline")
     split = {s: features.load_split(cut_dir, s, "cut")[1:] for s in cut.SPLITS}
     pooled = {s: features.load_split(features_dir, s, "pooled")[1:] for s in ("train", "val", "test")}
     policy = precision.from_params(params)[0]

@@ -87,3 +87,18 @@ def test_finetune_plan_finetune_top_uses_the_cache_unless_the_images_differ():
     assert not resized.cached and resized.input_size == 160
     ablated = planning.plan("finetune_top", "vgg16", params(batch_size=1, dropout_position="before_dense"), META)
     assert ablated.batch_size == 1 and ablated.head_cfg["dropout_position"] == "before_dense"
+
+
+def test_finetune_plan_records_the_seed_and_the_head_each_method_depends_on():
+    """Runs at seeds 0 and 1 must not look alike in run.json and MLflow: finetune_top trains with train.seed."""
+    p = params()
+    top = planning.plan("finetune_top", "vgg16", p, META)
+    assert top.recorded["train"] == p["train"] and top.recorded["train"]["seed"] == p["train"]["seed"]
+    assert top.recorded["finetune"] == top.cfg and top.recorded["head"] == top.head_cfg
+    assert top.recorded["cut_boundary"] == top.boundary and top.recorded["ablation"] == p["ablation"]
+    p["train"]["seed"], p["finetune"]["head_init"] = 3, "random"
+    random_head = planning.plan("finetune_top", "vgg16", p, META)
+    assert random_head.recorded["train"] == {"seed": 3}  # no train_head settings behind a random head
+    frozen = planning.plan("frozen_end_to_end", "vgg16", p, META)
+    assert frozen.recorded["train"] == p["train"] and "finetune" not in frozen.recorded
+    assert frozen.recorded["cut_boundary"] is None

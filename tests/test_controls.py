@@ -86,6 +86,35 @@ def test_bad_control_values_are_refused_with_every_key_named():
         validate(raw)
 
 
+def test_an_lbfgs_probe_refuses_every_setting_it_would_ignore_while_recording_it():
+    """Each of these is a run param (run.json, MLflow): accepting it would label the probe with a setting
+    L-BFGS never applied, and frozen_end_to_end with a Keras fit it could not match."""
+    raw = params_yaml()
+    raw["head"].update(units=0, dropout=0.0)
+    raw["train"].update(probe_solver="lbfgs", class_weight="balanced")
+    raw["finetune"].update(methods=["finetune_top"])
+    assert validate(raw)["train"]["probe_solver"] == "lbfgs"  # the probe as study/linear_probe.sh runs it
+    raw["train"].update(label_smoothing=0.1, lr_schedule="cosine", warmup_epochs=1)
+    raw["train"].update(early_stopping_patience=3, early_stopping_monitor="val_accuracy")
+    raw["head"].update(dropout=0.5)
+    raw["finetune"].update(methods=["frozen_end_to_end", "finetune_top"])
+    with pytest.raises(ParamsError) as error:
+        validate(raw)
+    message = str(error.value)
+    for bad in (
+        "train.label_smoothing: lbfgs fits the plain log-loss, got 0.1",
+        "train.lr_schedule: lbfgs takes no learning rate, got 'cosine'",
+        "train.early_stopping_patience: lbfgs fits each L2 strength to convergence and keeps the best on "
+        "validation, got 3",
+        "train.early_stopping_monitor: lbfgs keeps the L2 strength with the best validation accuracy, "
+        "got 'val_accuracy'",
+        "head.dropout: lbfgs fits no dropout (set 0), got 0.5",
+        "finetune.methods: frozen_end_to_end reproduces train_head with a Keras fit of the train section",
+    ):
+        assert f"\n  {bad}" in message
+    assert message.startswith("6 bad value(s) in params.yaml:")
+
+
 def test_default_controls_train_exactly_as_the_plain_keras_fit():
     """The code path with every control off gives the same numbers as compile + fit did before them."""
     x, y = toy()

@@ -13,6 +13,7 @@ import pytest
 import yaml
 from sklearn.metrics import balanced_accuracy_score
 
+from transferlab import backbones
 from transferlab.params import validate, with_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,3 +160,38 @@ def test_an_ensemble_averages_saved_runs_and_refuses_other_images(tmp_path, caps
         decision.main(["--ensemble", str(a), str(b), "--save", str(tmp_path / "x.npz")])
     assert stop.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
     assert not (tmp_path / "x.npz").exists()
+
+
+search_spec = importlib.util.spec_from_file_location("elpv_search", ROOT / "study" / "elpv_search.py")
+search = importlib.util.module_from_spec(search_spec)
+search_spec.loader.exec_module(search)
+
+
+def test_the_search_applies_oversampling_and_refuses_what_it_cannot_apply(monkeypatch):
+    """search.jsonl writes the overrides beside the figures: each must have shaped the run, or be refused."""
+
+    def params(*overrides):
+        return validate(with_overrides(yaml.safe_load((ROOT / "params.yaml").read_text()), list(overrides)))
+
+    assert search.not_applied(params()) == []
+    changed = params("finetune.augmentation=el_cell", "ablation.bn_training=true", "ablation.batch_size=1")
+    assert search.not_applied(changed) == [
+        "ablation.bn_training=True",
+        "ablation.batch_size=1",
+        "finetune.augmentation=el_cell",
+    ]
+
+    class Drawn(Exception):
+        pass
+
+    def feature_dataset(x, y, batch_size, shuffle_seed=None, oversample="none"):
+        raise Drawn(oversample)
+
+    for name in ("seed_everything", "configure_base", "head_for", "top_model", "compile_for"):
+        monkeypatch.setattr(search.train, name, lambda *args, **kwargs: None)
+    monkeypatch.setattr(search.weights, "load_backbone", lambda *args, **kwargs: None)
+    monkeypatch.setattr(search.train, "feature_dataset", feature_dataset)
+    sampled = params("finetune.oversample=sqrt", "finetune.head_init=random")
+    split = {"train": (np.zeros(4, int), np.zeros((4, 2))), "val": (np.zeros(2, int), np.zeros((2, 2)))}
+    with pytest.raises(Drawn, match="sqrt"):  # the training rows drawn as the pipeline draws them
+        search.finetune_top(sampled, backbones.get("vgg16"), "b", type("Meta", (), {"input_size": 32}), None, split, 2)

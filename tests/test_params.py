@@ -49,6 +49,7 @@ def test_every_bad_key_is_listed_in_one_message():
         data__bad_files="ignore",
     )
     bad["train"]["epoch"] = 3  # a typo
+    bad["ablaton"] = {"bn_training": True}  # a section's name mistyped: its switches would silently stay off
     with pytest.raises(params.ParamsError) as error:
         params.validate(bad)
     message = str(error.value)
@@ -66,9 +67,11 @@ def test_every_bad_key_is_listed_in_one_message():
         "evaluate.bootstrap: must be an integer >= 1, got -1",
         "data.bad_files: must be one of error, skip, got 'ignore'",
         "train.epoch: unknown key",
+        "ablaton: unknown section (known: data, weights, extract, train, head, finetune, ablation, evaluate, "
+        "compute, export)",
     ]:
         assert f"\n  {line}" in message
-    assert message.startswith("13 bad value(s) in params.yaml:")
+    assert message.startswith("14 bad value(s) in params.yaml:")
 
 
 def test_yaml_1_1_exponents_are_numbers():

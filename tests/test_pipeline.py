@@ -113,7 +113,9 @@ def test_mlflow_holds_grouped_runs_with_curves_tags_and_test_metrics(repo):
         }
         assert params["extract.input_size"] == "32" and "ablation.bn_training" in params
         assert not [k for k in run.data.metrics if k.startswith("validation_")]  # no autologged duplicates
-    assert by_name["finetune_top/vgg16-native"].data.params["finetune.cut_point"] == "block5_conv1"
+    top = by_name["finetune_top/vgg16-native"].data.params
+    assert top["finetune.cut_point"] == "block5_conv1"
+    assert top["train.seed"] == "0" and top["train.epochs"] == "2"  # its seed, and the head it started from
     curve = client.get_metric_history(head.info.run_id, "val_accuracy")
     assert [m.step for m in curve] == [1, 2]  # epochs, counted as in history.csv and the report
     history = pd.read_csv(repo / "runs/train_head/vgg16-native/history.csv")

@@ -137,6 +137,24 @@ def test_outputs_hashes_and_paths(tree, tmp_path):
     assert summary["conversions"] == {"none": 42} and summary["duplicate_groups"] == []
 
 
+def test_images_changed_since_the_split_are_refused_by_every_reader_naming_each_file(tree, tmp_path):
+    """A stage must not read new bytes under the old manifest's hash: DVC does not re-split on an in-place edit."""
+    split_dir = tmp_path / "split"
+    data.write_split(data.make_split(folder_params(tree)), split_dir)
+    manifest = data.load_manifest(split_dir)
+    assert len(data.resolve_paths(manifest, split_dir)) == len(manifest)  # untouched: accepted
+    (tree / "a" / "img_001.png").write_bytes(png_bytes(make_image(1, 3, seed=7)))  # same path, new bytes
+    (tree / "b" / "img_002.png").unlink()
+    with pytest.raises(data.DataError) as error:
+        data.resolve_paths(manifest, split_dir)
+    message = str(error.value)
+    assert message.startswith(f"2 image(s) under {tree} are not the ones {split_dir / 'manifest.csv'} lists")
+    assert "  a/img_001.png: changed" in message and "  b/img_002.png: missing or unreadable" in message
+    assert "dvc repro --force --single-item split" in message
+    others = manifest[~manifest["path"].isin(["a/img_001.png", "b/img_002.png"])]
+    assert len(data.resolve_paths(others, split_dir)) == len(others)  # a stage reading only the others goes on
+
+
 def test_class_map_is_stable_when_files_are_added_or_renamed(tree):
     before = data.make_split(folder_params(tree)).classes
     (tree / "b" / "img_000.png").rename(tree / "b" / "renamed.png")

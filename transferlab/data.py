@@ -155,14 +155,38 @@ def load_manifest(split_dir: str | os.PathLike = layout.SPLIT) -> pd.DataFrame:
 
 
 def resolve_paths(df: pd.DataFrame, split_dir: str | os.PathLike = layout.SPLIT) -> list[str]:
-    """Absolute paths of the manifest rows on this machine (the root lives in source.json)."""
+    """Absolute paths of the manifest rows on this machine (the root lives in source.json), refused with
+    DataError naming every file whose bytes are no longer the ones the split hashed.
+
+    DVC re-runs the split when its code or ``data`` params change, not when an image is replaced in place;
+    without this check a stage would read the new bytes while its record carries the old manifest's hash.
+    """
     root = files.read_json(Path(split_dir) / "source.json")["root"]
     if not os.path.isdir(root):
         raise DataError(
             f"the image root {root} recorded in {Path(split_dir) / 'source.json'} does not exist "
             "on this machine; re-run the split stage here (dvc repro split)"
         )
-    return [os.path.join(root, *path.split("/")) for path in df["path"]]
+    paths = [os.path.join(root, *path.split("/")) for path in df["path"]]
+    changed = []
+    with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) * 4)) as pool:  # hashlib releases the GIL
+        for path, expected, found in zip(df["path"], df["sha256"], _bounded_map(pool, _sha256_or_none, paths)):
+            if found != expected:
+                changed.append(f"  {printable(path)}: {'missing or unreadable' if found is None else 'changed'}")
+    if changed:
+        raise DataError(
+            f"{len(changed)} image(s) under {root} are not the ones {Path(split_dir) / 'manifest.csv'} lists "
+            "(its sha256 of each file): re-run the split to take them as they are now "
+            "(dvc repro --force --single-item split, then dvc repro):\n" + "\n".join(changed)
+        )
+    return paths
+
+
+def _sha256_or_none(path: str) -> str | None:
+    try:
+        return files.sha256_file(path)
+    except OSError:
+        return None
 
 
 def manifest_sha256(split_dir: str | os.PathLike = layout.SPLIT) -> str:

@@ -29,8 +29,9 @@ ALIAS = "champion"
 # (16-bit activations, ~3 significant digits) gets a tolerance to match.
 TOLERANCE = {"float32": 1e-4, "mixed": 2e-2}
 SELECTION_RULE = (
-    "highest final-epoch validation accuracy among the trained, scored runs; ties: lower final "
-    "validation loss, then run name in alphabetical order (test results are never read)"
+    "highest validation accuracy of the kept epoch (the saved weights; early stopping's best, else the last) "
+    "among the trained, scored runs; ties: that epoch's lower validation loss, then run name in alphabetical "
+    "order (test results are never read)"
 )
 
 

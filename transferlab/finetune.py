@@ -32,6 +32,7 @@ class Plan:
     cached: bool  # train the top on the stored cut-point activations instead of on images
     augment: tuple[str | None, str | None]  # the augmentation preset of (train, val), None: none
     trained_head: bool  # start from train_head's head weights
+    recorded: dict  # the params sections the run depends on (run.json and MLflow params; compute aside)
 
 
 def plan(method: str, backbone: str, params: dict, features_meta: provenance.FeaturesRecord) -> Plan:
@@ -42,6 +43,12 @@ def plan(method: str, backbone: str, params: dict, features_meta: provenance.Fea
     cfg = params["train"] if section == "train" else {**ft, "cut_point": ft["cut_point"].get(backbone)}
     input_size = ablation["input_size"] or features_meta.input_size
     top = method == "finetune_top"
+    trained_head = top and ft["head_init"] == "trained"
+    boundary = backbones.cut_boundary(backbones.get(backbone), ft["cut_point"].get(backbone, "")) if top else None
+    head_cfg = {**head, "dropout_position": ablation["dropout_position"] or head["dropout_position"]}
+    # finetune_top seeds its head, shuffle and augmentation with train.seed, and a trained head is train_head's:
+    # recorded without the train section, its runs at different seeds would look alike
+    trains_with = params["train"] if trained_head else {"seed": params["train"]["seed"]}
     return Plan(
         method=method,
         backbone=backbone,
@@ -49,14 +56,21 @@ def plan(method: str, backbone: str, params: dict, features_meta: provenance.Fea
         run_name=layout.run_name(method, backbone, ft["preprocessing"]),
         section=section,
         cfg=cfg,
-        head_cfg={**head, "dropout_position": ablation["dropout_position"] or head["dropout_position"]},
+        head_cfg=head_cfg,
         seed=params["train"]["seed"],
         batch_size=ablation["batch_size"] or cfg["batch_size"],
         input_size=input_size,
-        boundary=backbones.cut_boundary(backbones.get(backbone), ft["cut_point"].get(backbone, "")) if top else None,
+        boundary=boundary,
         cached=top and cut.images_needed(ablation, features_meta.input_size, ft["augmentation"]) is None,
         augment=train.augmentation(method, ft["augmentation"], ablation["augmentation"]),
-        trained_head=top and ft["head_init"] == "trained",
+        trained_head=trained_head,
+        recorded={
+            **({"train": trains_with} if top else {}),
+            section: cfg,
+            "head": head_cfg,
+            "ablation": ablation,
+            "cut_boundary": boundary,
+        },
     )
 
 

@@ -188,9 +188,14 @@ CONTROLS = {
 }
 CONTROL_DEFAULTS = {key: default for key, (_, default) in CONTROLS.items()}
 # controls of Keras' fit that the converged linear probe (scikit-learn's L-BFGS) has no counterpart for
+# (a run records its params: an ignored control would be recorded as if it had shaped the probe)
 LBFGS_REFUSES = {
     "ema_momentum": "averages a Keras optimizer's weights, not lbfgs's",
     "oversample": "lbfgs fits every row once (class_weight weighs them)",
+    "label_smoothing": "lbfgs fits the plain log-loss",
+    "lr_schedule": "lbfgs takes no learning rate",
+    "early_stopping_patience": "lbfgs fits each L2 strength to convergence and keeps the best on validation",
+    "early_stopping_monitor": "lbfgs keeps the L2 strength with the best validation accuracy",
 }
 
 # section -> key -> check. A key is required unless listed in OPTIONAL (value: its default).
@@ -297,9 +302,17 @@ def _relations(p: dict) -> list[str]:
     if "train" in p and "head" in p and p["train"]["probe_solver"] == "lbfgs" and p["head"]["units"]:
         units = p["head"]["units"]
         problems.append(f"train.probe_solver: lbfgs trains the linear probe only (head.units 0), got units {units}")
-    for key, why in LBFGS_REFUSES.items():
-        if "train" in p and p["train"]["probe_solver"] == "lbfgs" and p["train"][key] != CONTROL_DEFAULTS[key]:
-            problems.append(f"train.{key}: {why}, got {p['train'][key]!r}")
+    if "train" in p and p["train"]["probe_solver"] == "lbfgs":
+        for key, why in LBFGS_REFUSES.items():
+            if p["train"][key] != CONTROL_DEFAULTS[key]:
+                problems.append(f"train.{key}: {why}, got {p['train'][key]!r}")
+        if "head" in p and p["head"]["dropout"]:
+            problems.append(f"head.dropout: lbfgs fits no dropout (set 0), got {p['head']['dropout']!r}")
+        if "finetune" in p and "frozen_end_to_end" in p["finetune"]["methods"]:
+            problems.append(
+                "finetune.methods: frozen_end_to_end reproduces train_head with a Keras fit of the train section, "
+                "which an lbfgs probe has no counterpart for; leave it out or use train.probe_solver keras"
+            )
     if "data" in p and p["data"]["source"] == "folder" and not p["data"]["folder"]:
         problems.append("data.folder: must name the image tree when data.source is folder, got None")
     if "finetune" in p:
@@ -332,7 +345,8 @@ def validate(raw) -> dict:
     """The checked, normalised params; raises :class:`ParamsError` listing every problem."""
     if not isinstance(raw, dict):
         raise ParamsError(f"params.yaml must be a mapping of sections, got {type(raw).__name__}")
-    checked, problems = dict(raw), []
+    checked = {}
+    problems = [f"{name}: unknown section (known: {', '.join(SCHEMA)})" for name in raw if name not in SCHEMA]
     for section, schema in SCHEMA.items():
         given = raw.get(section)
         if not isinstance(given, dict):
@@ -359,8 +373,6 @@ def validate(raw) -> dict:
                 ok = False
         if ok:
             checked[section] = values
-        else:
-            checked.pop(section, None)
     for relation in RELATIONS:
         problems += relation(checked)
     if problems:
