@@ -76,8 +76,9 @@ def main(name: str, overrides: list[str], out: Path = Path("search.jsonl")) -> N
         raise SystemExit(
             f"{cut_dir} holds no activations at {boundary}; run `dvc repro extract_cut` with this cut point"
         )
-    if not_applied(params):
-        raise SystemExit(f"{', '.join(not_applied(params))}: the search trains on cached activations; use the pipeline")
+    refused = not_applied(params)
+    if refused:
+        raise SystemExit(f"{', '.join(refused)}: the search trains on cached activations; use the pipeline")
     split = {s: features.load_split(cut_dir, s, "cut")[1:] for s in cut.SPLITS}
     pooled = {s: features.load_split(features_dir, s, "pooled")[1:] for s in ("train", "val", "test")}
     policy = precision.from_params(params)[0]

@@ -112,6 +112,10 @@ MANIFEST_COLUMNS = [
 _STRING_COLUMNS = ["id", "path", "class_name", "split", "sha256", "mode", "conversion", "notes"]
 
 
+# threads that hash and decode files: Pillow's decoders, hashlib and zlib release the GIL
+_IO_THREADS = min(32, (os.cpu_count() or 1) * 4)
+
+
 class DataError(ValueError):
     """A problem with the data or the ``data:`` params that the user must fix; no traceback needed."""
 
@@ -169,7 +173,7 @@ def resolve_paths(df: pd.DataFrame, split_dir: str | os.PathLike = layout.SPLIT)
         )
     paths = [os.path.join(root, *path.split("/")) for path in df["path"]]
     changed = []
-    with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) * 4)) as pool:  # hashlib releases the GIL
+    with ThreadPoolExecutor(max_workers=_IO_THREADS) as pool:
         for path, expected, found in zip(df["path"], df["sha256"], _bounded_map(pool, _sha256_or_none, paths)):
             if found != expected:
                 changed.append(f"  {printable(path)}: {'missing or unreadable' if found is None else 'changed'}")
@@ -590,7 +594,7 @@ def _inspect_all(root: Path, paths: list[str]) -> list[tuple | str]:
             stats[i], inodes[i] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns), st.st_ino
     where = _cache_rows(cached, paths, stats, inodes)
     todo = [path for path, row in zip(paths, where.tolist()) if row < 0]
-    with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) * 4)) as pool:
+    with ThreadPoolExecutor(max_workers=_IO_THREADS) as pool:
         fresh = iter(
             list(
                 tqdm(
