@@ -108,6 +108,16 @@ def test_seed_changes_the_split_but_not_the_sizes(tree):
     assert one.groupby(["class_name", "split"]).size().equals(two.groupby(["class_name", "split"]).size())
 
 
+def test_a_smaller_validation_fraction_keeps_the_test_split_and_draws_from_the_larger_validation(tree):
+    """The ELPV refit (reports/elpv_benchmark.md) trains on more of the training part by lowering val_fraction
+    and is compared with the protocol on test: that is fair only if the test images are the same ones."""
+    full = data.make_split(folder_params(tree, val_fraction=0.3)).manifest.set_index("id")["split"]
+    small = data.make_split(folder_params(tree, val_fraction=0.1)).manifest.set_index("id")["split"]
+    assert set(full[full == "test"].index) == set(small[small == "test"].index)
+    assert set(small[small == "val"].index) < set(full[full == "val"].index)  # a strict subset: the rest trains
+    assert set(full[full == "train"].index) < set(small[small == "train"].index)
+
+
 # ---------------------------------------------------------------- outputs
 
 

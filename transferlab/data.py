@@ -286,7 +286,8 @@ def assign_splits(frame: pd.DataFrame, stratify_by: list[str], test_fraction, va
     and every stratum is within one image of its exact share. Within a stratum, files
     are taken in the order of ``sha256(seed:id)``: deterministic, independent of listing
     order, and adding a file does not reshuffle the others. Files with the same bytes
-    (``sha256`` column) form one unit that goes to a single split.
+    (``sha256`` column) form one unit that goes to a single split. Test is taken first, so it depends on
+    ``test_fraction`` and ``seed`` alone: a smaller ``val_fraction`` trains on more images, scored on the same test.
     """
     t, v = Fraction(str(test_fraction)), Fraction(str(val_fraction))
     # positions and numpy arrays, not per-row dicts: memory per row is what limits a 100k-image split
