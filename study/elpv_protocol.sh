@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The ELPV full protocol (reports/elpv_benchmark.md): EfficientNet-Lite0 fine-tuned from block4a on images with
 # the el_cell augmentation (flips on both axes, 90-degree turns, mild brightness and contrast; train split only),
-# Adam 3e-4 with one epoch of linear warm-up then cosine decay over 16 epochs, label smoothing 0.1, batch size 16, the epoch
-# with the best validation accuracy kept (early stopping's restored weights), on the paper's 75/25 split
+# Adam 3e-4 with one epoch of linear warm-up then cosine decay over 16 epochs, label smoothing 0.1, batch size 16,
+# the epoch with the best validation accuracy kept (early stopping's restored weights), on the paper's 75/25 split
 # (data.seed 42); one `dvc exp run` per seed (train.seed), named elpv-<protocol>-s<seed>, up to evaluate.
 # The CPU variant pins float32: Lite0's depthwise convolutions have no fast bfloat16 path on either CPU
 # measured (README "Precision"), so `auto`'s mixed_bfloat16 made it 1.5x slower on an AMX Xeon.
